@@ -1,0 +1,658 @@
+"""A real single-node Kafka broker for the tests, the demo and the benchmarks.
+
+The broker is Apache Kafka's own (``org.apache.kafka:kafka_2.13``), fetched from Maven Central by Maven
+through ``scripts/kafka/pom.xml`` and cached outside the repository::
+
+    ${INGESTOR_KAFKA_CACHE:-~/.cache/ingestor/kafka}/<version>/libs/*.jar
+
+It runs in KRaft mode (one process that is both broker and controller) on 127.0.0.1, with its data and
+its log (``broker.log``) in a data directory. Ready means a real metadata round trip succeeded.
+
+Library::
+
+    with LocalKafka() as kafka:                       # port 0: a free port
+        await create_topic(kafka.bootstrap, "events", 6)
+        await produce(kafka.bootstrap, "events", [b"a", b"b"])
+
+Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092]`` (detached, recorded in a state
+file under the cache directory), ``down`` and ``status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, for_code
+from aiokafka.partitioner import murmur2
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+    from types import TracebackType
+
+#: The pinned broker release; keep ``kafka.version`` in scripts/kafka/pom.xml in step.
+KAFKA_VERSION = "3.9.1"
+CACHE_ENV = "INGESTOR_KAFKA_CACHE"
+DEFAULT_CACHE_DIR = Path("~/.cache/ingestor/kafka")
+POM_PATH = Path(__file__).resolve().parent.parent / "scripts" / "kafka" / "pom.xml"
+COMPLETE_MARKER = ".complete"
+STATE_FILE = "broker.json"
+DEFAULT_CLI_PORT = 9092
+HOST = "127.0.0.1"
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+FORMAT_TIMEOUT_S = 60.0
+FETCH_TIMEOUT_S = 600.0
+TOPIC_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 5.0
+RETRY_PAUSE_S = 0.2
+LOG_TAIL_LINES = 40
+
+BROKER_JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20")
+#: The storage tool lives for a second: a small heap and the quick JIT tier start it faster.
+TOOL_JVM_OPTS = ("-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+
+#: Produce in batches of about this size (the broker accepts up to ~1 MiB per batch).
+PRODUCE_BATCH_BYTES = 512 * 1024
+#: Batches submitted before waiting for their acknowledgements (bounds memory while producing).
+PRODUCE_WINDOW = 64
+
+BROKER_SETTINGS: dict[str, str] = {
+    "process.roles": "broker,controller",
+    "node.id": "1",
+    "controller.listener.names": "CONTROLLER",
+    "inter.broker.listener.name": "PLAINTEXT",
+    "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+    "num.partitions": "1",
+    "auto.create.topics.enable": "false",
+    "offsets.topic.replication.factor": "1",
+    "offsets.topic.num.partitions": "10",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "transaction.state.log.num.partitions": "10",
+    "group.initial.rebalance.delay.ms": "0",
+    "broker.heartbeat.interval.ms": "500",
+}
+
+LOG4J_PROPERTIES = """\
+log4j.rootLogger=INFO, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+"""
+
+
+class KafkaFetchError(RuntimeError):
+    """Maven could not fetch the broker's jars (not retried here: the next ``fetch()`` tries again)."""
+
+
+class KafkaStartError(RuntimeError):
+    """The broker did not start or did not become ready; the message ends with its log's tail."""
+
+
+# --- fetching ---------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def libs_dir(version: str = KAFKA_VERSION) -> Path:
+    return cache_dir() / version / "libs"
+
+
+def fetch(version: str = KAFKA_VERSION) -> Path:
+    """Return the directory of the broker's jars, running Maven only when they are not cached yet."""
+    libs = libs_dir(version)
+    if (libs / COMPLETE_MARKER).is_file():
+        return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(libs.parent / ".fetch.lock"):
+        if not (libs / COMPLETE_MARKER).is_file():  # another process may have fetched meanwhile
+            _fetch_with_maven(version, libs)
+    return libs
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_with_maven(version: str, libs: Path) -> None:
+    partial = libs.with_name(f"libs.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [
+        _executable("mvn", "Maven"),
+        *("-q", "-B", "-f", str(_pom_path())),
+        "dependency:copy-dependencies",
+        f"-Dkafka.version={version}",
+        f"-DoutputDirectory={partial}",
+    ]
+    print(f"fetching Apache Kafka {version} from Maven Central into {libs}", file=sys.stderr)
+    done = subprocess.run(  # noqa: S603 - a fixed command line
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S, check=False
+    )
+    if done.returncode != 0 or not (partial / f"kafka_2.13-{version}.jar").is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise KafkaFetchError(
+            f"`{' '.join(command)}` failed (exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}"
+        )
+    shutil.rmtree(libs, ignore_errors=True)  # what a failed earlier attempt left, if anything
+    partial.rename(libs)
+    (libs / COMPLETE_MARKER).write_text(f"{version}\n")
+
+
+def _pom_path() -> Path:
+    if not POM_PATH.is_file():
+        raise KafkaFetchError(f"{POM_PATH} is missing: fetch from a checkout of the ingestor repository")
+    return POM_PATH
+
+
+def _executable(name: str, what: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{what} (`{name}`) is not on PATH; it is needed to run a local Kafka")
+    return found
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    return _executable("java", "Java 17 or later")
+
+
+# --- the broker -------------------------------------------------------------------------------------
+
+
+class LocalKafka:
+    """One running KRaft broker+controller on 127.0.0.1; start once, ``stop()`` any number of times."""
+
+    def __init__(self, port: int = 0, data_dir: Path | None = None, *, version: str = KAFKA_VERSION) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"{HOST}:{self.port}"
+        self.version = version
+        self._given_data_dir = data_dir
+        self._data_dir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
+
+    @property
+    def data_dir(self) -> Path:
+        if self._data_dir is None:
+            raise RuntimeError("the broker has not been started")
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "broker.log"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the broker and block until it answers a metadata request (at most ``timeout`` s)."""
+        # A thread of its own, so that neither a running event loop nor the caller's is touched.
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(self.astart(timeout))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, name="local-kafka-start")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    async def astart(self, timeout: float = START_TIMEOUT_S) -> None:
+        if self._started:
+            raise RuntimeError("a LocalKafka starts once; make a new one")
+        self._started = True
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.to_thread(self._launch)
+            await self._wait_ready(deadline)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after a deadline) and remove a data dir it made."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is not None:
+            _terminate(process, STOP_TIMEOUT_S)
+        if self._given_data_dir is None and self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
+
+    def detach(self) -> int:
+        """Leave the broker running after this process exits (``ingestor kafka up``); return its pid."""
+        if self._process is None:
+            raise RuntimeError("the broker is not running")
+        pid = self._process.pid
+        self._process = None
+        atexit.unregister(self.stop)
+        return pid
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def _launch(self) -> None:
+        _ensure_port_free(self.port)
+        libs = fetch(self.version)
+        self._data_dir = self._given_data_dir or Path(tempfile.mkdtemp(prefix="ingestor-kafka-"))
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        controller_port = free_port()
+        properties = self._data_dir / "server.properties"
+        properties.write_text(_server_properties(self.port, controller_port, self._data_dir / "kraft"))
+        (self._data_dir / "log4j.properties").write_text(LOG4J_PROPERTIES)
+        self._format_storage(libs, properties)
+        command = [*self._java_command(libs, BROKER_JVM_OPTS), "kafka.Kafka", str(properties)]
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(  # noqa: S603 - a fixed command line
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        atexit.register(self.stop)
+
+    def _format_storage(self, libs: Path, properties: Path) -> None:
+        tool = "kafka.tools.StorageTool"
+        command = [*self._java_command(libs, TOOL_JVM_OPTS), tool, "format", "-t", _cluster_id()]
+        command += ["-c", str(properties), "--ignore-formatted"]
+        done = subprocess.run(  # noqa: S603 - a fixed command line
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_S, check=False
+        )
+        if done.returncode != 0:
+            raise KafkaStartError(f"{tool} format failed (exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}")
+
+    def _java_command(self, libs: Path, jvm_opts: Sequence[str]) -> list[str]:
+        return [
+            _java(),
+            *jvm_opts,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}",
+            f"-Dkafka.logs.dir={self.data_dir}",
+            "-cp",
+            f"{libs}/*",
+        ]
+
+    async def _wait_ready(self, deadline: float) -> None:
+        while True:
+            if self._process is None or self._process.poll() is not None:
+                code = None if self._process is None else self._process.returncode
+                raise KafkaStartError(f"the Kafka broker exited with code {code}{self._log_tail()}")
+            if await probe(self.bootstrap, min(PROBE_TIMEOUT_S, max(deadline - time.monotonic(), 0.1))):
+                return
+            if time.monotonic() >= deadline:
+                raise KafkaStartError(f"the Kafka broker at {self.bootstrap} is not ready in time{self._log_tail()}")
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    def _log_tail(self) -> str:
+        if self._data_dir is None or not self.log_path.is_file():
+            return ""
+        return f"; the tail of {self.log_path}:\n{_tail(self.log_path.read_text(errors='replace'))}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ensure_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            raise KafkaStartError(f"port {HOST}:{port} is already in use: {exc}") from exc
+
+
+def _server_properties(port: int, controller_port: int, log_dir: Path) -> str:
+    settings = {
+        **BROKER_SETTINGS,
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+        "log.dirs": str(log_dir),
+    }
+    return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def _cluster_id() -> str:
+    """A random cluster id in Kafka's form: 16 bytes, URL-safe base64, no padding, not starting with '-'."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signum)  # the broker leads its own session and process group
+
+
+def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(deque(text.splitlines(), maxlen=lines))
+
+
+# --- client helpers ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _admin(bootstrap: str, request_timeout: float = 30.0) -> AsyncIterator[Any]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(request_timeout * 1000))
+    try:
+        await admin.start()
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def probe(bootstrap: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout), _admin(bootstrap, timeout) as admin:
+            await admin.list_topics()
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    return True
+
+
+async def _retrying[T](call: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """Retry ``call`` while it fails with a retriable Kafka error, up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(RETRY_PAUSE_S)
+
+
+async def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int,
+    *,
+    config: dict[str, str] | None = None,
+    timeout: float = TOPIC_TIMEOUT_S,
+) -> None:
+    """Create a topic and wait until its metadata shows every partition with a leader."""
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, topic_configs=config or {})
+    async with _admin(bootstrap) as admin:
+
+        async def create() -> None:
+            response = await admin.create_topics([topic])
+            for _, error_code, *_ in response.topic_errors:
+                if error_code:
+                    raise for_code(error_code)(f"cannot create topic {name!r}")
+
+        await _retrying(create, timeout)
+        deadline = time.monotonic() + timeout
+        while not _topic_ready(await admin.describe_topics([name]), partitions):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"topic {name!r} has no leader for all {partitions} partitions after {timeout} s")
+            await asyncio.sleep(RETRY_PAUSE_S / 4)
+
+
+def _topic_ready(described: list[dict[str, Any]], partitions: int) -> bool:
+    if len(described) != 1 or described[0]["error_code"]:
+        return False
+    found = described[0]["partitions"]
+    return len(found) == partitions and all(p["error_code"] == 0 and p["leader"] >= 0 for p in found)
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The consumer group's committed offsets on ``topic``: partition -> next offset to consume."""
+    async with _admin(bootstrap) as admin:
+        offsets = await _retrying(lambda: admin.list_consumer_group_offsets(group), TOPIC_TIMEOUT_S)
+    return {tp.partition: int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    values: Sequence[bytes],
+    *,
+    keys: Sequence[bytes | None] | None = None,
+    partition: int | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
+) -> int:
+    """Produce ``values`` (with ``keys``, if given) quickly, and return how many were acknowledged.
+
+    Records go in whole batches straight to their partition: ``partition`` if given, else the key's
+    (murmur2, as Kafka's default partitioner places it), else round robin. Order is kept per partition.
+    """
+    if keys is not None and len(keys) != len(values):
+        raise ValueError(f"{len(keys)} keys for {len(values)} values")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=PRODUCE_BATCH_BYTES, linger_ms=50)
+    await producer.start()
+    try:
+        all_partitions = sorted(await producer.partitions_for(topic))
+        chosen = _partitioner(all_partitions, partition)
+        pending: list[asyncio.Future[Any]] = []
+        batches: dict[int, Any] = {}
+        for index, value in enumerate(values):
+            key = None if keys is None else keys[index]
+            target = chosen(index, key)
+            batch = batches.get(target)
+            if batch is None or batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                if batch is not None:
+                    pending.append(await producer.send_batch(batch, topic, partition=target))
+                batch = batches[target] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+            if len(pending) >= PRODUCE_WINDOW:
+                await asyncio.gather(*pending)
+                pending.clear()
+        for target, batch in batches.items():
+            pending.append(await producer.send_batch(batch, topic, partition=target))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return len(values)
+
+
+def _partitioner(all_partitions: list[int], fixed: int | None) -> Callable[[int, bytes | None], int]:
+    def choose(index: int, key: bytes | None) -> int:
+        if fixed is not None:
+            return fixed
+        if key is not None:
+            return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+        return all_partitions[index % len(all_partitions)]
+
+    return choose
+
+
+# --- the command line: ingestor kafka fetch|up|down|status ------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """What ``ingestor kafka up`` records about the broker it left running."""
+
+    pid: int
+    port: int
+    bootstrap: str
+    data_dir: str
+    version: str
+
+    @classmethod
+    def load(cls) -> BrokerState | None:
+        try:
+            return cls(**json.loads(_state_path().read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self) -> None:
+        _state_path().parent.mkdir(parents=True, exist_ok=True)
+        _state_path().write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def is_running(self) -> bool:
+        """Whether our broker still runs under that pid (not a zombie, not another program)."""
+        proc = Path(f"/proc/{self.pid}")
+        if not proc.exists():
+            return _pid_exists(self.pid) and sys.platform != "linux"
+        try:
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+        return not zombie and "kafka.Kafka" in cmdline and self.data_dir in cmdline
+
+
+def _state_path() -> Path:
+    return cache_dir() / STATE_FILE
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="kafka_action", metavar="ACTION", required=True)
+    actions.add_parser("fetch", help=f"fetch Apache Kafka {KAFKA_VERSION} into {cache_dir()} (once)")
+    up = actions.add_parser("up", help="start a broker in the background and wait until it is ready")
+    up.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help="port on 127.0.0.1 (default: %(default)s)")
+    up.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for readiness")
+    actions.add_parser("down", help="stop the broker started by `up` (nothing to do is not an error)")
+    actions.add_parser("status", help="say whether the broker started by `up` runs (exit 1 if not)")
+
+
+def main(args: argparse.Namespace) -> int:
+    actions: dict[str, Callable[[argparse.Namespace], int]] = {
+        "fetch": _cli_fetch,
+        "up": _cli_up,
+        "down": _cli_down,
+        "status": _cli_status,
+    }
+    try:
+        return actions[args.kafka_action](args)
+    except (KafkaFetchError, KafkaStartError, FileNotFoundError) as exc:
+        print(f"ingestor kafka {args.kafka_action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cli_fetch(_: argparse.Namespace) -> int:
+    print(fetch())
+    return 0
+
+
+def _cli_up(args: argparse.Namespace) -> int:
+    state = BrokerState.load()
+    if state is not None and state.is_running():
+        print(f"Kafka is already running at {state.bootstrap} (pid {state.pid})", file=sys.stderr)
+        print(state.bootstrap)
+        return 0
+    _forget(state)
+    data_dir = cache_dir() / "run" / f"broker-{args.port}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    broker = LocalKafka(args.port, data_dir)
+    started = time.monotonic()
+    try:
+        broker.start(args.timeout)
+    except BaseException:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version)
+    state.save()
+    took = time.monotonic() - started
+    print(f"Kafka {state.version} is up at {state.bootstrap} in {took:.1f} s (pid {state.pid}, log {broker.log_path})")
+    print(state.bootstrap)
+    return 0
+
+
+def _cli_down(_: argparse.Namespace) -> int:
+    state = BrokerState.load()
+    if state is None:
+        print("no local Kafka broker is recorded", file=sys.stderr)
+        return 0
+    if state.is_running():
+        _signal_group(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while state.is_running() and time.monotonic() < deadline:
+            time.sleep(RETRY_PAUSE_S)
+        if state.is_running():
+            _signal_group(state.pid, signal.SIGKILL)
+        print(f"stopped Kafka at {state.bootstrap} (pid {state.pid})", file=sys.stderr)
+    _forget(state)
+    return 0
+
+
+def _cli_status(_: argparse.Namespace) -> int:
+    state = BrokerState.load()
+    if state is None or not state.is_running():
+        print("no local Kafka broker is running")
+        return 1
+    ready = asyncio.run(probe(state.bootstrap))
+    print(f"Kafka {state.version} at {state.bootstrap} (pid {state.pid}): {'ready' if ready else 'not answering'}")
+    return 0 if ready else 1
+
+
+def _forget(state: BrokerState | None) -> None:
+    if state is not None:
+        shutil.rmtree(state.data_dir, ignore_errors=True)
+    _state_path().unlink(missing_ok=True)
