@@ -20,7 +20,6 @@ file under the cache directory), ``down`` and ``status``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import atexit
 import base64
@@ -39,7 +38,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -47,6 +46,7 @@ from aiokafka.errors import KafkaError, for_code
 from aiokafka.partitioner import murmur2
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
     from types import TracebackType
 
@@ -59,6 +59,12 @@ COMPLETE_MARKER = ".complete"
 STATE_FILE = "broker.json"
 DEFAULT_CLI_PORT = 9092
 HOST = "127.0.0.1"
+
+T = TypeVar("T")
+
+#: Brokers left running on purpose; kept so that Python neither warns about them nor loses the handle
+#: that reaps them if this same process stops them later (as the tests do).
+_DETACHED: list[subprocess.Popen[bytes]] = []
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -236,11 +242,11 @@ class LocalKafka:
         if failure:
             raise failure[0]
 
-    async def astart(self, timeout: float = START_TIMEOUT_S) -> None:
+    async def astart(self, ready_within: float = START_TIMEOUT_S) -> None:
         if self._started:
             raise RuntimeError("a LocalKafka starts once; make a new one")
         self._started = True
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + ready_within
         try:
             await asyncio.to_thread(self._launch)
             await self._wait_ready(deadline)
@@ -261,10 +267,10 @@ class LocalKafka:
         """Leave the broker running after this process exits (``ingestor kafka up``); return its pid."""
         if self._process is None:
             raise RuntimeError("the broker is not running")
-        pid = self._process.pid
+        _DETACHED.append(self._process)
         self._process = None
         atexit.unregister(self.stop)
-        return pid
+        return _DETACHED[-1].pid
 
     def __enter__(self) -> Self:
         self.start()
@@ -405,19 +411,25 @@ async def _admin(bootstrap: str, request_timeout: float = 30.0) -> AsyncIterator
         await admin.close()
 
 
-async def probe(bootstrap: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a broker at ``bootstrap`` answers a metadata request within ``timeout`` seconds."""
+async def probe(bootstrap: str, within: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request within ``within`` seconds."""
+    host, _, port = bootstrap.rpartition(":")
     try:
-        async with asyncio.timeout(timeout), _admin(bootstrap, timeout) as admin:
-            await admin.list_topics()
+        async with asyncio.timeout(within):
+            # A plain connect first: aiokafka logs an error for every refused connection.
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.close()
+            await writer.wait_closed()
+            async with _admin(bootstrap, within) as admin:
+                await admin.list_topics()
     except (KafkaError, OSError, TimeoutError):
         return False
     return True
 
 
-async def _retrying[T](call: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Retry ``call`` while it fails with a retriable Kafka error, up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def _retrying(call: Callable[[], Awaitable[T]], within: float = TOPIC_TIMEOUT_S) -> T:
+    """Retry ``call`` while it fails with a retriable Kafka error, for up to ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         try:
             return await call()
@@ -433,7 +445,6 @@ async def create_topic(
     partitions: int,
     *,
     config: dict[str, str] | None = None,
-    timeout: float = TOPIC_TIMEOUT_S,
 ) -> None:
     """Create a topic and wait until its metadata shows every partition with a leader."""
     topic = NewTopic(name, num_partitions=partitions, replication_factor=1, topic_configs=config or {})
@@ -445,11 +456,13 @@ async def create_topic(
                 if error_code:
                     raise for_code(error_code)(f"cannot create topic {name!r}")
 
-        await _retrying(create, timeout)
-        deadline = time.monotonic() + timeout
+        await _retrying(create)
+        deadline = time.monotonic() + TOPIC_TIMEOUT_S
         while not _topic_ready(await admin.describe_topics([name]), partitions):
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"topic {name!r} has no leader for all {partitions} partitions after {timeout} s")
+                raise TimeoutError(
+                    f"topic {name!r} has no leader for all {partitions} partitions after {TOPIC_TIMEOUT_S} s"
+                )
             await asyncio.sleep(RETRY_PAUSE_S / 4)
 
 
@@ -463,11 +476,11 @@ def _topic_ready(described: list[dict[str, Any]], partitions: int) -> bool:
 async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """The consumer group's committed offsets on ``topic``: partition -> next offset to consume."""
     async with _admin(bootstrap) as admin:
-        offsets = await _retrying(lambda: admin.list_consumer_group_offsets(group), TOPIC_TIMEOUT_S)
+        offsets = await _retrying(lambda: admin.list_consumer_group_offsets(group))
     return {tp.partition: int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
 
 
-async def produce(
+async def produce(  # noqa: PLR0913 - keyword-only options of one call
     bootstrap: str,
     topic: str,
     values: Sequence[bytes],
@@ -486,37 +499,67 @@ async def produce(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=PRODUCE_BATCH_BYTES, linger_ms=50)
     await producer.start()
     try:
-        all_partitions = sorted(await producer.partitions_for(topic))
-        chosen = _partitioner(all_partitions, partition)
-        pending: list[asyncio.Future[Any]] = []
-        batches: dict[int, Any] = {}
+        chosen = _partitioner(sorted(await producer.partitions_for(topic)), partition)
+        batcher = _Batcher(producer, topic, list(headers))
         for index, value in enumerate(values):
             key = None if keys is None else keys[index]
-            target = chosen(index, key)
-            batch = batches.get(target)
-            if batch is None or batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                if batch is not None:
-                    pending.append(await producer.send_batch(batch, topic, partition=target))
-                batch = batches[target] = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None, headers=headers)
-            if len(pending) >= PRODUCE_WINDOW:
-                await asyncio.gather(*pending)
-                pending.clear()
-        for target, batch in batches.items():
-            pending.append(await producer.send_batch(batch, topic, partition=target))
-        await asyncio.gather(*pending)
+            await batcher.add(chosen(index, key), key, value)
+        await batcher.flush()
     finally:
         await producer.stop()
     return len(values)
 
 
+class _Batcher:
+    """Fills one batch per partition, hands full ones to the producer, and keeps a bounded window."""
+
+    def __init__(self, producer: Any, topic: str, headers: list[tuple[str, bytes]]) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._headers = headers
+        self._open: dict[int, Any] = {}
+        self._sent: list[asyncio.Future[Any]] = []
+
+    async def add(self, partition: int, key: bytes | None, value: bytes) -> None:
+        batch = self._open.get(partition)
+        if batch is not None and self._append(batch, key, value):
+            return
+        if batch is not None:
+            await self._send(partition, batch)
+        batch = self._open[partition] = self._producer.create_batch()
+        if not self._append(batch, key, value):
+            raise ValueError(f"a record of {len(value)} bytes does not fit in a batch")
+
+    async def flush(self) -> None:
+        for partition, batch in self._open.items():
+            self._sent.append(await self._producer.send_batch(batch, self._topic, partition=partition))
+        self._open.clear()
+        await asyncio.gather(*self._sent)
+        self._sent.clear()
+
+    def _append(self, batch: Any, key: bytes | None, value: bytes) -> bool:
+        return batch.append(key=key, value=value, timestamp=None, headers=self._headers) is not None
+
+    async def _send(self, partition: int, batch: Any) -> None:
+        self._sent.append(await self._producer.send_batch(batch, self._topic, partition=partition))
+        if len(self._sent) >= PRODUCE_WINDOW:
+            await asyncio.gather(*self._sent)
+            self._sent.clear()
+
+
 def _partitioner(all_partitions: list[int], fixed: int | None) -> Callable[[int, bytes | None], int]:
+    by_key: dict[bytes, int] = {}  # murmur2 is pure Python; keys (customers) repeat
+
     def choose(index: int, key: bytes | None) -> int:
         if fixed is not None:
             return fixed
-        if key is not None:
-            return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
-        return all_partitions[index % len(all_partitions)]
+        if key is None:
+            return all_partitions[index % len(all_partitions)]
+        found = by_key.get(key)
+        if found is None:
+            hashed: int = murmur2(key)
+            found = by_key[key] = all_partitions[(hashed & 0x7FFFFFFF) % len(all_partitions)]
+        return found
 
     return choose
 
@@ -620,7 +663,8 @@ def _cli_up(args: argparse.Namespace) -> int:
     state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version)
     state.save()
     took = time.monotonic() - started
-    print(f"Kafka {state.version} is up at {state.bootstrap} in {took:.1f} s (pid {state.pid}, log {broker.log_path})")
+    where = f"pid {state.pid}, log {broker.log_path}"
+    print(f"Kafka {state.version} is up at {state.bootstrap} in {took:.1f} s ({where})", file=sys.stderr)
     print(state.bootstrap)
     return 0
 
@@ -637,6 +681,8 @@ def _cli_down(_: argparse.Namespace) -> int:
             time.sleep(RETRY_PAUSE_S)
         if state.is_running():
             _signal_group(state.pid, signal.SIGKILL)
+        for process in _DETACHED:
+            process.poll()
         print(f"stopped Kafka at {state.bootstrap} (pid {state.pid})", file=sys.stderr)
     _forget(state)
     return 0

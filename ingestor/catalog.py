@@ -1,0 +1,133 @@
+"""The meter catalog: which payload keys each event_name needs, and whether its meter accepts events.
+
+Three sources (INGESTOR_METER_CATALOG): `stripe` reads `GET /v1/billing/meters` at start and every
+INGESTOR_METER_REFRESH_S; `static` takes a JSON mapping from INGESTOR_METERS; `off` applies Stripe's
+default keys (`stripe_customer_id`, `value`) to every event_name and knows no meter.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ingestor.errors import Rejection
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import aiohttp
+
+log = logging.getLogger("ingestor.catalog")
+
+DEFAULT_CUSTOMER_KEY = "stripe_customer_id"
+DEFAULT_VALUE_KEY = "value"
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """What the worker needs to know of one meter to validate its events."""
+
+    event_name: str
+    customer_key: str = DEFAULT_CUSTOMER_KEY
+    value_key: str = DEFAULT_VALUE_KEY
+    #: `count` meters do not read a value; `sum` and `last` do.
+    needs_value: bool = True
+    active: bool = True
+    meter_id: str = ""
+
+
+DEFAULT_METER = Meter(event_name="*")
+
+
+class MeterCatalog:
+    """Looks meters up by event_name. `known=False` means every event_name gets the default keys."""
+
+    def __init__(self, meters: Iterable[Meter] = (), *, known: bool = False) -> None:
+        self._meters = {m.event_name: m for m in meters}
+        self.known = known
+
+    def __len__(self) -> int:
+        return len(self._meters)
+
+    def lookup(self, event_name: str) -> Meter:
+        meter = self._meters.get(event_name)
+        if meter is None:
+            if self.known:
+                raise Rejection("meter_unknown", f"no meter has event_name {event_name!r}")
+            return DEFAULT_METER
+        if not meter.active:
+            raise Rejection("meter_inactive", f"the meter for event_name {event_name!r} is deactivated")
+        return meter
+
+    def replace(self, other: MeterCatalog) -> None:
+        self._meters = other._meters
+        self.known = other.known
+
+
+class CatalogError(ValueError):
+    """The meter catalog could not be read or parsed."""
+
+
+def from_static(text: str) -> MeterCatalog:
+    """Parse INGESTOR_METERS: `{"event_name": {"customer_key": "...", "value_key": "...", "formula": "sum"}}`."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise CatalogError(f"INGESTOR_METERS is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CatalogError("INGESTOR_METERS must be a JSON object keyed by event_name")
+    meters = []
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise CatalogError(f"INGESTOR_METERS[{name!r}] must be an object")
+        meters.append(
+            Meter(
+                event_name=name,
+                customer_key=str(spec.get("customer_key", DEFAULT_CUSTOMER_KEY)),
+                value_key=str(spec.get("value_key", DEFAULT_VALUE_KEY)),
+                needs_value=spec.get("formula", "sum") != "count",
+                active=bool(spec.get("active", True)),
+            )
+        )
+    return MeterCatalog(meters, known=True)
+
+
+def meter_from_stripe(obj: dict[str, Any]) -> Meter:
+    """A `billing.meter` object from the v1 API, reduced to what validation needs."""
+    customer = (obj.get("customer_mapping") or {}).get("event_payload_key") or DEFAULT_CUSTOMER_KEY
+    value = (obj.get("value_settings") or {}).get("event_payload_key") or DEFAULT_VALUE_KEY
+    formula = (obj.get("default_aggregation") or {}).get("formula", "sum")
+    return Meter(
+        event_name=str(obj["event_name"]),
+        customer_key=str(customer),
+        value_key=str(value),
+        needs_value=formula != "count",
+        active=obj.get("status", "active") == "active",
+        meter_id=str(obj.get("id", "")),
+    )
+
+
+async def fetch_from_stripe(
+    http: aiohttp.ClientSession, api_base: str, api_key: str, stripe_version: str
+) -> MeterCatalog:
+    """Read every meter (active and inactive) with `GET /v1/billing/meters`, following pagination."""
+    meters: list[Meter] = []
+    params: dict[str, str] = {"limit": "100"}
+    headers = {"Authorization": f"Bearer {api_key}", "Stripe-Version": stripe_version}
+    for _ in range(1000):  # bounded: 100,000 meters
+        async with http.get(f"{api_base}/v1/billing/meters", params=params, headers=headers) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise CatalogError(f"GET /v1/billing/meters answered {resp.status}")
+        page = orjson.loads(body)
+        data = page.get("data") or []
+        meters.extend(meter_from_stripe(obj) for obj in data if obj.get("event_name"))
+        if not page.get("has_more") or not data:
+            break
+        params["starting_after"] = str(data[-1]["id"])
+    # Two meters may share an event_name (one inactive): prefer the active one.
+    meters.sort(key=lambda m: m.active)
+    return MeterCatalog(meters, known=True)

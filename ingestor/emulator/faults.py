@@ -1,0 +1,155 @@
+"""Fault injection: what to break, and the seeded decision for one request (pure core).
+
+Each request draws one uniform number and falls into at most one outcome band, in this order:
+5xx with `Stripe-Should-Retry: true`, 5xx with `false`, 5xx without the header, 429 from a rate
+limiter (with `Stripe-Rate-Limited-Reason`), 429 `lock_timeout` (no reason header), connection reset
+before processing (nothing counted), connection reset after processing (events counted, no
+response), slow response (events counted, then the answer is held back `slow_response_s`). Latency
+(`latency_s` plus uniform `[0, latency_jitter_s]`) is added to every faulted-scope request on top.
+The random generator is re-seeded from the seed whenever the faults are set, so a test that sets
+faults and then sends N requests sees the same outcomes on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal
+
+Scope = Literal["stream", "all"]
+
+
+class Outcome(Enum):
+    NONE = "none"
+    ERROR_RETRY_TRUE = "error_retry_true"
+    ERROR_RETRY_FALSE = "error_retry_false"
+    ERROR_NO_HEADER = "error_no_header"
+    RATE_LIMIT = "rate_limit"
+    LOCK_TIMEOUT = "lock_timeout"
+    RESET_BEFORE = "reset_before"
+    RESET_AFTER = "reset_after"
+    SLOW = "slow"
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Fractions are probabilities per request in `[0, 1]`; their sum must not exceed 1."""
+
+    error_retry_true: float = 0.0
+    error_retry_false: float = 0.0
+    error_no_header: float = 0.0
+    error_status: int = 500
+    rate_limit: float = 0.0
+    rate_limit_reason: str = "global-rate"
+    lock_timeout: float = 0.0
+    reset_before: float = 0.0
+    reset_after: float = 0.0
+    slow_response: float = 0.0
+    slow_response_s: float = 0.0
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    revoke_sessions_after_s: float | None = None
+    refuse_connections: bool = False
+    scope: Scope = "stream"
+    #: Stop injecting (outcomes, not latency) after this many faulted requests; None = never.
+    max_faults: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in _BANDS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"faults.{name} must be within [0, 1], got {value}")
+        if sum(getattr(self, name) for name in _BANDS) > 1.0 + 1e-9:
+            raise ValueError("faults: the outcome fractions add up to more than 1")
+        if self.scope not in ("stream", "all"):
+            raise ValueError(f"faults.scope must be 'stream' or 'all', got {self.scope!r}")
+        if not 500 <= self.error_status <= 599:
+            raise ValueError(f"faults.error_status must be a 5xx status, got {self.error_status}")
+        for name in ("slow_response_s", "latency_s", "latency_jitter_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"faults.{name} must not be negative")
+
+    @property
+    def active(self) -> bool:
+        return self != _NO_FAULTS
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_BANDS: tuple[str, ...] = (
+    "error_retry_true",
+    "error_retry_false",
+    "error_no_header",
+    "rate_limit",
+    "lock_timeout",
+    "reset_before",
+    "reset_after",
+    "slow_response",
+)
+_OUTCOMES: tuple[Outcome, ...] = tuple(Outcome(name) if name != "slow_response" else Outcome.SLOW for name in _BANDS)
+_NO_FAULTS = Faults()
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Faults))
+
+
+def faults_from_json(current: Faults, changes: dict[str, Any], *, replace: bool = False) -> Faults:
+    """Apply a JSON object of changes (unknown keys are an error); `replace` starts from no faults."""
+    unknown = set(changes) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown fault fields: {', '.join(sorted(unknown))}")
+    base = _NO_FAULTS if replace else current
+    try:
+        return dataclasses.replace(base, **changes)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    latency_s: float
+
+
+NO_DECISION = Decision(Outcome.NONE, 0.0)
+
+
+class FaultPlanner:
+    """Draws a decision per request from a seeded generator."""
+
+    def __init__(self, faults: Faults, seed: int) -> None:
+        self._seed = seed
+        self.faults = faults
+        self._rng = random.Random(seed)  # noqa: S311 - reproducible faults, not cryptography
+        self._injected = 0
+
+    def set(self, faults: Faults) -> None:
+        self.faults = faults
+        self._rng = random.Random(self._seed)  # noqa: S311
+        self._injected = 0
+
+    def applies(self, is_stream: bool) -> bool:
+        return is_stream or self.faults.scope == "all"
+
+    def decide(self, is_stream: bool) -> Decision:
+        faults = self.faults
+        if not self.applies(is_stream) or not faults.active:
+            return NO_DECISION
+        latency = faults.latency_s
+        if faults.latency_jitter_s > 0:
+            latency += self._rng.uniform(0.0, faults.latency_jitter_s)
+        outcome = self._draw(faults)
+        return Decision(outcome, latency) if latency or outcome is not Outcome.NONE else NO_DECISION
+
+    def _draw(self, faults: Faults) -> Outcome:
+        if faults.max_faults is not None and self._injected >= faults.max_faults:
+            return Outcome.NONE
+        point = self._rng.random()
+        edge = 0.0
+        for name, outcome in zip(_BANDS, _OUTCOMES, strict=True):
+            edge += getattr(faults, name)
+            if point < edge:
+                self._injected += 1
+                return outcome
+        return Outcome.NONE

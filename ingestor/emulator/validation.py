@@ -1,0 +1,147 @@
+"""Stripe's event rules (pure): one event at a time, and a whole batch at once on the fast path.
+
+Rules, in the order they are checked (the first failure is reported):
+1. an active meter for `event_name` (`no_meter`; `archived_meter` when only inactive ones exist);
+2. the customer key in the payload (`meter_event_no_customer_defined`), and, only when a customer
+   allow-list is configured, a known customer (`meter_event_customer_not_found`);
+3. the value: required for `sum`/`last` meters (optional for `count`; checked when present): ASCII
+   digits only, a positive whole number (`meter_event_invalid_value`), at most `MAX_VALUE_DIGITS`
+   digits (`meter_event_value_too_many_digits`);
+4. the timestamp, relative to the arrival time: not more than 35 days in the past
+   (`timestamp_too_far_in_past`), not more than 5 minutes in the future (`timestamp_in_future`).
+
+Dimensions are not modelled, so `meter_event_dimension_count_too_high` and
+`missing_dimension_payload_keys` never occur. The synchronous endpoints map each failure to their own
+code (`Problem.sync_code`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from itertools import repeat
+from typing import TYPE_CHECKING
+
+from ingestor.emulator.limits import MAX_FUTURE_S, MAX_PAST_S, MAX_VALUE_DIGITS
+
+if TYPE_CHECKING:
+    from collections.abc import Set as AbstractSet
+
+    from ingestor.emulator.meters import Meter
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    code: str
+    sync_code: str
+    message: str
+
+
+def no_meter_problem(event_name: str, archived: bool) -> Problem:
+    if archived:
+        return Problem("archived_meter", "archived_meter", f"The meter for event `{event_name}` is not active.")
+    return Problem("no_meter", "no_meter", f"No active meter was found for event `{event_name}`.")
+
+
+def check_value(value: str) -> Problem | None:
+    if not (value.isascii() and value.isdigit()):
+        return Problem(
+            "meter_event_invalid_value", "payload_invalid_value", f"The value `{value}` must be a positive integer."
+        )
+    if len(value) > MAX_VALUE_DIGITS:
+        return Problem(
+            "meter_event_value_too_many_digits",
+            "payload_invalid_value",
+            f"The value has more than {MAX_VALUE_DIGITS} digits.",
+        )
+    if int(value) == 0:
+        return Problem("meter_event_invalid_value", "payload_invalid_value", "The value must be a positive integer.")
+    return None
+
+
+def check_timestamp(timestamp: float, arrival: float) -> Problem | None:
+    if timestamp < arrival - MAX_PAST_S:
+        return Problem(
+            "timestamp_too_far_in_past",
+            "timestamp_too_far_in_past",
+            "The timestamp is more than 35 days in the past.",
+        )
+    if timestamp > arrival + MAX_FUTURE_S:
+        return Problem("timestamp_in_future", "timestamp_in_future", "The timestamp is more than 5 minutes in the future.")
+    return None
+
+
+def check_customer(meter: Meter, payload: dict[str, str], customers: AbstractSet[str] | None) -> Problem | None:
+    customer = payload.get(meter.customer_key)
+    if not customer:
+        return Problem(
+            "meter_event_no_customer_defined",
+            "payload_no_customer_defined",
+            f"The payload must have a reference to the customer in `{meter.customer_key}`.",
+        )
+    if customers is not None and customer not in customers:
+        return Problem(
+            "meter_event_customer_not_found",
+            "meter_event_customer_not_found",
+            f"No customer `{customer}` was found.",
+        )
+    return None
+
+
+def check_event(
+    meter: Meter,
+    payload: dict[str, str],
+    timestamp: float,
+    arrival: float,
+    customers: AbstractSet[str] | None,
+) -> Problem | None:
+    """The first rule (after the meter lookup) an event breaks, or None."""
+    problem = check_customer(meter, payload, customers)
+    if problem is not None:
+        return problem
+    value = payload.get(meter.value_key)
+    if value is None:
+        if meter.formula != "count":
+            return Problem(
+                "meter_event_invalid_value",
+                "payload_no_value_defined",
+                f"The payload must have a value in `{meter.value_key}`.",
+            )
+    else:
+        problem = check_value(value)
+        if problem is not None:
+            return problem
+    return check_timestamp(timestamp, arrival)
+
+
+def event_value(meter: Meter, payload: dict[str, str]) -> int:
+    """The value to store for a valid event (0 for a `count` event without one)."""
+    value = payload.get(meter.value_key)
+    return int(value) if value is not None else 0
+
+
+def fast_columns(
+    meter: Meter,
+    payloads: list[dict[str, str]],
+    timestamps: list[float],
+    arrival: float,
+    customers: AbstractSet[str] | None,
+) -> tuple[list[str], list[int]] | None:
+    """(customers, values) when every event of a one-meter batch is valid, else None (use `check_event`).
+
+    Works on whole columns with C-level `map`, `join` and `min`/`max`, no Python loop per event.
+    """
+    count = len(payloads)
+    owners = list(map(dict.get, payloads, repeat(meter.customer_key, count)))
+    values = list(map(dict.get, payloads, repeat(meter.value_key, count)))
+    if None in owners or "" in owners or None in values or "" in values:
+        return None
+    if customers is not None and not customers.issuperset(owners):
+        return None
+    digits = "".join(values)  # type: ignore[arg-type]  # None was ruled out above
+    if not (digits.isascii() and digits.isdigit()) or max(map(len, values)) > MAX_VALUE_DIGITS:  # type: ignore[arg-type]
+        return None
+    numbers = list(map(int, values))  # type: ignore[arg-type]
+    if min(numbers) <= 0 or min(timestamps) < arrival - MAX_PAST_S or max(timestamps) > arrival + MAX_FUTURE_S:
+        return None
+    return list(map(sys.intern, owners)), numbers  # type: ignore[arg-type]

@@ -1,0 +1,252 @@
+"""Kafka record -> meter event for the stream, or a rejection with its reason.
+
+The topic's message contract (public; see README and `ingestor/schemas/meter-event.schema.json`):
+the record value is a UTF-8 JSON object `{"event_name", "payload", "identifier"?, "timestamp"?}`.
+
+- `payload` values are strings; a JSON integer is accepted and sent as its decimal string.
+- `timestamp` is an RFC 3339 string with a time zone, or unix seconds (a number); it is sent as
+  RFC 3339 UTC with milliseconds. When absent, the record's Kafka timestamp is used, so a redelivered
+  record keeps the time it was produced.
+- When `identifier` is absent, the `ingestor.identifier` header is used if present (set by
+  `ingestor dlq replay`), else one is derived from the record's coordinates: `kafka-<topic>-<partition>-<offset>`
+  (the topic replaced by a hash when that would exceed 100 characters). A redelivery after a crash
+  carries the same identifier, and Stripe counts it once.
+
+`Decoder.decode` works on a whole poll of one partition; its loop is the hot path: no allocation beyond
+the parsed dict, which is reused as the outgoing event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from ingestor import dlq_format
+from ingestor.errors import Rejection
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ingestor.catalog import MeterCatalog
+
+MAX_NAME_CHARS = 100
+MAX_IDENTIFIER_CHARS = 100
+#: Stripe does not document the limit behind `meter_event_value_too_many_digits`; 15 digits keep every
+#: value exact in a double, the conservative reading.
+MAX_VALUE_DIGITS = 15
+PAST_WINDOW_S = 35 * 86400
+FUTURE_WINDOW_S = 5 * 60
+ALLOWED_FIELDS = frozenset({"event_name", "payload", "identifier", "timestamp"})
+_TS_CACHE_LIMIT = 4096
+
+
+class Record(Protocol):
+    """The parts of a Kafka consumer record the worker reads (aiokafka's ConsumerRecord has them)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+def identifier_prefix(topic: str, partition: int) -> str:
+    """The derived identifier's prefix; the offset follows. Never longer than 100 characters in all."""
+    prefix = f"kafka-{topic}-{partition}-"
+    if len(prefix) + 20 > MAX_IDENTIFIER_CHARS:
+        digest = hashlib.sha256(topic.encode()).hexdigest()[:24]
+        prefix = f"kafka-{digest}-{partition}-"
+    return prefix
+
+
+def format_ms(ms: int) -> str:
+    """Unix milliseconds -> RFC 3339 UTC with milliseconds, e.g. 2026-11-21T05:19:17.123Z."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def parse_timestamp(text: str) -> float:
+    """An RFC 3339 date-time with a zone -> unix seconds. Raises ValueError otherwise."""
+    if len(text) < 20 or text[10] not in "Tt" or text[4] != "-" or text[7] != "-":
+        raise ValueError(text)
+    parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
+    if parsed.tzinfo is None:
+        raise ValueError(text)
+    return parsed.timestamp()
+
+
+def check_value(value: str) -> None:
+    """Stripe's rule for a meter value: a positive whole number in ASCII digits."""
+    if not (value.isascii() and value.isdigit()):
+        raise Rejection("value_invalid", f"value {value[:40]!r} is not a positive whole number in ASCII digits")
+    if len(value) > MAX_VALUE_DIGITS:
+        raise Rejection("value_too_many_digits", f"value has {len(value)} digits, more than {MAX_VALUE_DIGITS}")
+    if value[0] == "0":
+        reason = "is zero" if value.strip("0") == "" else "has leading zeros"
+        raise Rejection("value_invalid", f"value {value!r} {reason}; it must be a positive whole number")
+
+
+def _stringify_payload(payload: dict[str, Any]) -> None:
+    """Payload values must be strings; whole numbers become their decimal string."""
+    for key, value in payload.items():
+        if type(value) is str:
+            continue
+        if type(value) is int:
+            payload[key] = str(value)
+        else:
+            kind = "null" if value is None else type(value).__name__
+            raise Rejection("payload_value_not_string", f"payload[{key!r}] is {kind}, not a string")
+
+
+class Decoder:
+    """Turns records into stream events. Holds caches; one per worker."""
+
+    def __init__(self, catalog: MeterCatalog, *, max_record_bytes: int) -> None:
+        self.catalog = catalog
+        self.max_record_bytes = max_record_bytes
+        self._ts_cache: dict[str, tuple[float, str]] = {}
+        self._prefixes: dict[tuple[str, int], str] = {}
+        self._last_second = -1
+        self._last_second_text = ""
+
+    def decode(
+        self, records: Sequence[Record], now: float
+    ) -> tuple[list[dict[str, Any]], list[Record], list[tuple[Record, Rejection]]]:
+        """Decode one poll of one partition: (events, their records, rejected records with reasons)."""
+        events: list[dict[str, Any]] = []
+        sources: list[Record] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        if not records:
+            return events, sources, rejected
+        first = records[0]
+        key = (first.topic, first.partition)
+        prefix = self._prefixes.get(key) or self._prefixes.setdefault(key, identifier_prefix(*key))
+        lowest, highest = now - PAST_WINDOW_S, now + FUTURE_WINDOW_S
+        loads = orjson.loads
+        for record in records:
+            value = record.value
+            try:
+                if value is None:
+                    raise Rejection("tombstone", "the record value is null")  # noqa: TRY301 - one handler for all
+                if len(value) > self.max_record_bytes:
+                    raise Rejection(  # noqa: TRY301
+                        "record_too_large", f"{len(value)} bytes, more than {self.max_record_bytes}"
+                    )
+                try:
+                    event = loads(value)
+                except orjson.JSONDecodeError as exc:
+                    raise _not_json(value, exc) from None
+                if type(event) is not dict:
+                    raise Rejection("not_object", f"the value is a JSON {type(event).__name__}, not an object")  # noqa: TRY301
+                self._check(event, record, prefix, lowest, highest)
+            except Rejection as rejection:
+                rejected.append((record, rejection))
+            else:
+                events.append(event)
+                sources.append(record)
+        return events, sources, rejected
+
+    def _check(self, event: dict[str, Any], record: Record, prefix: str, lowest: float, highest: float) -> None:
+        if len(event) > 4 or not event.keys() <= ALLOWED_FIELDS:
+            extra = sorted(set(event) - ALLOWED_FIELDS)
+            raise Rejection("unknown_field", f"unexpected field(s) {', '.join(map(repr, extra))[:200]}")
+        name = event.get("event_name")
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS:
+            if name is None:
+                raise Rejection("event_name_missing", "event_name is required")
+            raise Rejection("event_name_invalid", "event_name must be a string of 1 to 100 characters")
+        payload = event.get("payload")
+        if type(payload) is not dict:
+            if payload is None:
+                raise Rejection("payload_missing", "payload is required")
+            raise Rejection("payload_not_object", "payload must be an object of strings")
+        meter = self.catalog.lookup(name)
+        _stringify_payload(payload)
+        customer = payload.get(meter.customer_key)
+        if not customer:
+            raise Rejection("customer_missing", f"payload lacks the customer key {meter.customer_key!r}")
+        value = payload.get(meter.value_key)
+        if value is not None:
+            check_value(value)
+        elif meter.needs_value:
+            raise Rejection("value_missing", f"payload lacks the value key {meter.value_key!r}")
+        self._fill_identifier(event, record, prefix)
+        self._fill_timestamp(event, record, lowest, highest)
+
+    def _fill_identifier(self, event: dict[str, Any], record: Record, prefix: str) -> None:
+        identifier = event.get("identifier")
+        if identifier is None:
+            identifier = _header(record, dlq_format.IDENTIFIER) or f"{prefix}{record.offset}"
+            event["identifier"] = identifier
+        if type(identifier) is not str or not 0 < len(identifier) <= MAX_IDENTIFIER_CHARS:
+            raise Rejection("identifier_invalid", "identifier must be a string of 1 to 100 characters")
+
+    def _fill_timestamp(self, event: dict[str, Any], record: Record, lowest: float, highest: float) -> None:
+        raw = event.get("timestamp")
+        if raw is None:
+            seconds, text = record.timestamp / 1000, ""
+        elif type(raw) is str:
+            seconds, text = self._parse_cached(raw)
+        elif type(raw) in (int, float) and math.isfinite(raw):
+            seconds, text = float(raw), ""
+        else:
+            raise Rejection("timestamp_invalid", "timestamp must be an RFC 3339 string or unix seconds")
+        if seconds < lowest:
+            raise Rejection("timestamp_too_far_in_past", f"timestamp {raw!r} is more than 35 days old")
+        if seconds > highest:
+            raise Rejection("timestamp_in_future", f"timestamp {raw!r} is more than 5 minutes ahead")
+        if not text:
+            text = self._format_record_ms(record.timestamp) if raw is None else format_ms(round(seconds * 1000))
+        event["timestamp"] = text
+
+    def _format_record_ms(self, ms: int) -> str:
+        second, millis = divmod(ms, 1000)
+        if second != self._last_second:
+            self._last_second = second
+            self._last_second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._last_second_text}.{millis:03d}Z"
+
+    def _parse_cached(self, raw: str) -> tuple[float, str]:
+        hit = self._ts_cache.get(raw)
+        if hit is not None:
+            return hit
+        try:
+            seconds = parse_timestamp(raw)
+        except (ValueError, OverflowError):
+            raise Rejection("timestamp_invalid", f"timestamp {raw[:64]!r} is not RFC 3339 with a time zone") from None
+        if len(self._ts_cache) >= _TS_CACHE_LIMIT:
+            self._ts_cache.clear()
+        hit = self._ts_cache[raw] = (seconds, format_ms(round(seconds * 1000)))
+        return hit
+
+
+def _header(record: Record, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name and value:
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _not_json(value: bytes, exc: orjson.JSONDecodeError) -> Rejection:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return Rejection("not_utf8", f"the value is not UTF-8 (byte {bad.start})")
+    return Rejection("not_json", f"the value is not JSON: {exc}")

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from ingestor import cli, devkafka
+from ingestor.devkafka import (
+    COMPLETE_MARKER,
+    KAFKA_VERSION,
+    BrokerState,
+    KafkaStartError,
+    LocalKafka,
+    committed_offsets,
+    fetch,
+    probe,
+    produce,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import TopicFactory
+
+pytestmark = pytest.mark.kafka
+
+
+async def consume_all(bootstrap: str, topic: str, count: int) -> list[tuple[int, bytes | None, bytes]]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[tuple[int, bytes | None, bytes]] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(records) < count:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records += [(r.partition, r.key, r.value) for r in batch]
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_produce_and_consume_round_trip(kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = await topic_factory(3)
+    keys = [f"cus_{i % 7}".encode() for i in range(500)]
+    values = [f"{i}".encode() for i in range(500)]
+
+    assert await produce(kafka_bootstrap, topic, values, keys=keys) == 500
+    records = await consume_all(kafka_bootstrap, topic, 500)
+
+    assert sorted(int(v) for _, _, v in records) == list(range(500))
+    partitions_of_key: dict[bytes | None, set[int]] = defaultdict(set)
+    per_key: dict[bytes | None, list[int]] = defaultdict(list)
+    for partition, key, value in records:
+        partitions_of_key[key].add(partition)
+        per_key[key].append(int(value))
+    assert all(len(found) == 1 for found in partitions_of_key.values())  # a key stays on one partition
+    assert all(seen == sorted(seen) for seen in per_key.values())  # in the order produced
+
+
+async def test_produce_spreads_unkeyed_records_and_honours_a_fixed_partition(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topic = await topic_factory(4)
+    await produce(kafka_bootstrap, topic, [b"x"] * 40)
+    await produce(kafka_bootstrap, topic, [b"y"] * 10, partition=2, headers=[("h", b"1")])
+
+    records = await consume_all(kafka_bootstrap, topic, 50)
+
+    assert sorted({p for p, _, v in records if v == b"x"}) == [0, 1, 2, 3]
+    assert {p for p, _, v in records if v == b"y"} == {2}
+
+
+async def test_create_topic_makes_all_partitions_visible(kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = await topic_factory(6, prefix="six", config={"retention.ms": "3600000"})
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    assert topic.startswith("six-")
+    assert described["error_code"] == 0
+    assert sorted(p["partition"] for p in described["partitions"]) == list(range(6))
+    assert all(p["leader"] >= 0 for p in described["partitions"])
+
+
+async def test_committed_offsets_after_a_manual_commit(kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = await topic_factory(2)
+    group = f"g-{topic}"
+    assert await committed_offsets(kafka_bootstrap, group, topic) == {}
+
+    await produce(kafka_bootstrap, topic, [b"a", b"b", b"c"], partition=1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+        await consumer.commit({TopicPartition(topic, 1): 2})
+    finally:
+        await consumer.stop()
+
+    assert await committed_offsets(kafka_bootstrap, group, topic) == {1: 2}
+    assert await committed_offsets(kafka_bootstrap, group, "another-topic") == {}
+
+
+def test_fetch_is_idempotent_and_skips_maven_once_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    libs = fetch()  # the session's broker (or `make kafka-fetch`) has fetched already
+    marker = libs / COMPLETE_MARKER
+    before = marker.stat().st_mtime_ns
+
+    def no_maven(version: str, libs: Path) -> None:
+        raise AssertionError("Maven ran for a complete cache")
+
+    monkeypatch.setattr(devkafka, "_fetch_with_maven", no_maven)
+    started = time.monotonic()
+    assert fetch() == libs
+    assert time.monotonic() - started < 1
+    assert marker.stat().st_mtime_ns == before
+    assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file()
+
+
+def test_fetch_retries_a_partial_fetch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
+    partial = tmp_path / "9.9.9" / "libs"
+    partial.mkdir(parents=True)
+    (partial / "half-a-jar.jar").write_bytes(b"")  # no completion marker: a failed earlier fetch
+    calls: list[str] = []
+
+    def fake_maven(version: str, libs: Path) -> None:
+        calls.append(version)
+        libs.mkdir(parents=True, exist_ok=True)
+        (libs / COMPLETE_MARKER).write_text(version)
+
+    monkeypatch.setattr(devkafka, "_fetch_with_maven", fake_maven)
+
+    assert fetch("9.9.9") == partial
+    assert fetch("9.9.9") == partial
+    assert calls == ["9.9.9"]
+
+
+def test_a_busy_port_fails_start_with_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        broker = LocalKafka(port=busy.getsockname()[1])
+        with pytest.raises(KafkaStartError, match="already in use"):
+            broker.start()
+    broker.stop()
+
+
+@pytest.mark.slow
+def test_local_kafka_starts_stops_and_frees_its_port() -> None:
+    broker = LocalKafka()
+    with broker:
+        assert asyncio.run(probe(broker.bootstrap))
+        data_dir = broker.data_dir
+        assert "PLAINTEXT" in (data_dir / "broker.log").read_text()
+    broker.stop()  # a second stop is a no-op
+
+    assert not data_dir.exists()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", broker.port))
+    with pytest.raises(RuntimeError, match="starts once"):
+        broker.start()
+
+
+@pytest.mark.slow
+def test_cli_up_status_down(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    libs = fetch()
+    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
+    (tmp_path / KAFKA_VERSION).mkdir()
+    (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
+    port = devkafka.free_port()
+
+    assert cli.main(["kafka", "down"]) == 0  # nothing to stop
+    assert cli.main(["kafka", "status"]) == 1
+    try:
+        assert cli.main(["kafka", "up", "--port", str(port)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"127.0.0.1:{port}"
+        assert cli.main(["kafka", "up", "--port", str(port)]) == 0
+        assert "already running" in capsys.readouterr().err
+        assert cli.main(["kafka", "status"]) == 0
+        state = BrokerState.load()
+        assert state is not None
+        assert state.is_running()
+    finally:
+        assert cli.main(["kafka", "down"]) == 0
+
+    assert not state.is_running()
+    assert BrokerState.load() is None
+    assert cli.main(["kafka", "status"]) == 1
