@@ -42,16 +42,34 @@ class Batch:
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, for bisecting a rejected request; each knows which chunks its records belong to."""
-        mid = len(self.events) // 2
-        return self._sub(0, mid), self._sub(mid, len(self.events))
+        return self.split_at(len(self.events) // 2)
+
+    def split_at(self, index: int) -> tuple[Batch, Batch]:
+        """Events [0, index) and [index, len); either may be empty."""
+        return self._sub(0, index), self._sub(index, len(self.events))
+
+    def entries(self) -> list[tuple[dict[str, Any], Record, Chunk]]:
+        """(event, record, chunk) for every event, in order."""
+        out: list[tuple[dict[str, Any], Record, Chunk]] = []
+        i = 0
+        for chunk, count in self.parts:
+            out.extend((self.events[k], self.records[k], chunk) for k in range(i, i + count))
+            i += count
+        return out
 
     def _sub(self, lo: int, hi: int) -> Batch:
+        """Events [lo, hi) with their parts: `parts` are consecutive runs of the events, in order."""
+        n = len(self.events)
+        lo = min(max(lo, 0), n)
+        hi = min(max(hi, lo), n)
         records = self.records[lo:hi]
-        counts: dict[int, int] = {}
-        for record in records:
-            index = self._part_index(record)
-            counts[index] = counts.get(index, 0) + 1
-        parts = [(self.parts[i][0], n) for i, n in sorted(counts.items())]
+        parts: list[tuple[Chunk, int]] = []
+        start = 0
+        for chunk, count in self.parts:
+            overlap = min(hi, start + count) - max(lo, start)
+            if overlap > 0:
+                parts.append((chunk, overlap))
+            start += count
         nbytes = sum(len(r.value or b"") + EVENT_OVERHEAD_BYTES for r in records)
         return Batch(
             self.events[lo:hi],
@@ -63,16 +81,6 @@ class Batch:
             self.first_failure,
             self.last_failure,
         )
-
-    def _part_index(self, record: Record) -> int:
-        for i, (chunk, _) in enumerate(self.parts):
-            if (
-                chunk.tp.topic == record.topic
-                and chunk.tp.partition == record.partition
-                and chunk.start <= record.offset < chunk.end
-            ):
-                return i
-        raise LookupError(f"record {record.topic}/{record.partition}@{record.offset} is in no chunk of the batch")
 
 
 class Batcher:

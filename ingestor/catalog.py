@@ -72,27 +72,45 @@ class CatalogError(ValueError):
 
 
 def from_static(text: str) -> MeterCatalog:
-    """Parse INGESTOR_METERS: `{"event_name": {"customer_key": "...", "value_key": "...", "formula": "sum"}}`."""
+    """Parse INGESTOR_METERS: `{"event_name": {"customer_key": "...", "value_key": "...", "formula": "sum"}}`.
+
+    Every key is optional (`formula`: count, sum (default) or last; `active`: true (default) or false); an
+    unknown key or a value of the wrong type fails start-up rather than silently falling back to a default.
+    """
     try:
         raw = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise CatalogError(f"INGESTOR_METERS is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise CatalogError("INGESTOR_METERS must be a JSON object keyed by event_name")
-    meters = []
-    for name, spec in raw.items():
-        if not isinstance(spec, dict):
-            raise CatalogError(f"INGESTOR_METERS[{name!r}] must be an object")
-        meters.append(
-            Meter(
-                event_name=name,
-                customer_key=str(spec.get("customer_key", DEFAULT_CUSTOMER_KEY)),
-                value_key=str(spec.get("value_key", DEFAULT_VALUE_KEY)),
-                needs_value=spec.get("formula", "sum") != "count",
-                active=bool(spec.get("active", True)),
-            )
-        )
-    return MeterCatalog(meters, known=True)
+    return MeterCatalog([_static_meter(name, spec) for name, spec in raw.items()], known=True)
+
+
+_STATIC_KEYS = frozenset({"customer_key", "value_key", "formula", "active"})
+_FORMULAS = ("count", "sum", "last")
+
+
+def _static_meter(name: str, spec: Any) -> Meter:
+    where = f"INGESTOR_METERS[{name!r}]"
+    if not 0 < len(name) <= 100:
+        raise CatalogError(f"{where}: an event_name has 1 to 100 characters")
+    if not isinstance(spec, dict):
+        raise CatalogError(f"{where} must be an object")
+    unknown = sorted(set(spec) - _STATIC_KEYS)
+    if unknown:
+        raise CatalogError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}")
+    customer_key = spec.get("customer_key", DEFAULT_CUSTOMER_KEY)
+    value_key = spec.get("value_key", DEFAULT_VALUE_KEY)
+    for key, value in (("customer_key", customer_key), ("value_key", value_key)):
+        if not isinstance(value, str) or not value:
+            raise CatalogError(f"{where}.{key} must be a non-empty string")
+    formula = spec.get("formula", "sum")
+    if formula not in _FORMULAS:
+        raise CatalogError(f"{where}.formula must be one of {', '.join(_FORMULAS)}")
+    active = spec.get("active", True)
+    if not isinstance(active, bool):
+        raise CatalogError(f"{where}.active must be true or false")
+    return Meter(name, customer_key, value_key, needs_value=formula != "count", active=active)
 
 
 def meter_from_stripe(obj: dict[str, Any]) -> Meter:

@@ -209,6 +209,7 @@ class LocalKafka:
         self._given_data_dir = data_dir
         self._data_dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: _Watchdog | None = None
         self._started = False
 
     @property
@@ -258,6 +259,8 @@ class LocalKafka:
         """Stop the broker (SIGTERM, then SIGKILL after a deadline) and remove a data dir it made."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
+        if self._watchdog is not None:
+            self._watchdog.release()
         if process is not None:
             _terminate(process, STOP_TIMEOUT_S)
         if self._given_data_dir is None and self._data_dir is not None:
@@ -269,6 +272,8 @@ class LocalKafka:
             raise RuntimeError("the broker is not running")
         _DETACHED.append(self._process)
         self._process = None
+        if self._watchdog is not None:
+            self._watchdog.release()
         atexit.unregister(self.stop)
         return _DETACHED[-1].pid
 
@@ -306,6 +311,7 @@ class LocalKafka:
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         atexit.register(self.stop)
+        self._watchdog = _Watchdog(self._process.pid, None if self._given_data_dir else self._data_dir)
 
     def _format_storage(self, libs: Path, properties: Path) -> None:
         tool = "kafka.tools.StorageTool"
@@ -342,7 +348,53 @@ class LocalKafka:
     def _log_tail(self) -> str:
         if self._data_dir is None or not self.log_path.is_file():
             return ""
-        return f"; the tail of {self.log_path}:\n{_tail(self.log_path.read_text(errors='replace'))}"
+        log = self.log_path.read_text(errors="replace")
+        return f"; the last lines of its log ({self.log_path.name}):\n{_tail(log)}"
+
+
+class _Watchdog:
+    """Stops the broker if this process dies without stopping it (SIGKILL, a CI timeout, a crash).
+
+    A small Python process blocks reading a pipe whose only writer is this process: end of file without
+    a "release" line first means the owner is gone, so it stops the broker's process group and removes
+    the temporary data directory, if any.
+    """
+
+    SCRIPT = """
+import os, shutil, signal, sys, time
+group, grace, data_dir = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if sys.stdin.readline().strip() != "release":
+    try:
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            os.killpg(group, 0)
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if data_dir:
+        shutil.rmtree(data_dir, ignore_errors=True)
+"""
+
+    def __init__(self, broker_pid: int, temporary_dir: Path | None) -> None:
+        temporary = "" if temporary_dir is None else str(temporary_dir)
+        command = [sys.executable, "-c", self.SCRIPT, str(broker_pid), str(STOP_TIMEOUT_S), temporary]
+        self._process = subprocess.Popen(  # noqa: S603 - a fixed command line
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C for the owner must not end the watchdog
+        )
+
+    def release(self) -> None:
+        """The owner stops (or detaches) the broker itself: the watchdog leaves without a signal."""
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.write(b"release\n")
+                self._process.stdin.close()
+        self._process.wait()
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +44,10 @@ PAST_WINDOW_S = 35 * 86400
 FUTURE_WINDOW_S = 5 * 60
 ALLOWED_FIELDS = frozenset({"event_name", "payload", "identifier", "timestamp"})
 _TS_CACHE_LIMIT = 4096
+#: RFC 3339 `date-time` (section 5.6), with `T`/`Z` in either case; `datetime.fromisoformat` alone also
+#: takes ISO 8601 forms RFC 3339 does not (no seconds, `+0530`, `+05`, `,5`, a space before the offset).
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)", re.ASCII)
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class Record(Protocol):
@@ -81,7 +86,7 @@ def format_ms(ms: int) -> str:
 
 def parse_timestamp(text: str) -> float:
     """An RFC 3339 date-time with a zone -> unix seconds. Raises ValueError otherwise."""
-    if len(text) < 20 or text[10] not in "Tt" or text[4] != "-" or text[7] != "-":
+    if _RFC3339.fullmatch(text) is None:
         raise ValueError(text)
     parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
     if parsed.tzinfo is None:
@@ -151,7 +156,7 @@ class Decoder:
                 except orjson.JSONDecodeError as exc:
                     raise _not_json(value, exc) from None
                 if type(event) is not dict:
-                    raise Rejection("not_object", f"the value is a JSON {type(event).__name__}, not an object")  # noqa: TRY301
+                    raise _not_object(event)
                 self._check(event, record, prefix, lowest, highest)
             except Rejection as rejection:
                 rejected.append((record, rejection))
@@ -206,9 +211,9 @@ class Decoder:
         else:
             raise Rejection("timestamp_invalid", "timestamp must be an RFC 3339 string or unix seconds")
         if seconds < lowest:
-            raise Rejection("timestamp_too_far_in_past", f"timestamp {raw!r} is more than 35 days old")
+            raise Rejection("timestamp_too_far_in_past", f"{_shown(raw, record)} is more than 35 days old")
         if seconds > highest:
-            raise Rejection("timestamp_in_future", f"timestamp {raw!r} is more than 5 minutes ahead")
+            raise Rejection("timestamp_in_future", f"{_shown(raw, record)} is more than 5 minutes ahead")
         if not text:
             text = self._format_record_ms(record.timestamp) if raw is None else format_ms(round(seconds * 1000))
         event["timestamp"] = text
@@ -242,6 +247,17 @@ def _header(record: Record, name: str) -> str | None:
             except UnicodeDecodeError:
                 return None
     return None
+
+
+def _shown(raw: object, record: Record) -> str:
+    if raw is None:
+        return f"the record's timestamp ({record.timestamp} ms)"
+    return f"timestamp {str(raw)[:64]!r}" if type(raw) is str else f"timestamp {raw!r}"
+
+
+def _not_object(event: object) -> Rejection:
+    kind = _JSON_TYPES.get(type(event), type(event).__name__)
+    return Rejection("not_object", f"the value is a JSON {kind}, not an object")
 
 
 def _not_json(value: bytes, exc: orjson.JSONDecodeError) -> Rejection:

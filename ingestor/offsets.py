@@ -76,7 +76,7 @@ class OffsetTracker:
 
     def complete(self, chunk: Chunk, count: int) -> None:
         """`count` more records of `chunk` are done."""
-        if count > chunk.pending:
+        if not 0 <= count <= chunk.pending:
             raise ValueError(f"completing {count} records of a chunk with {chunk.pending} pending")
         chunk.pending -= count
         if chunk.released:

@@ -294,7 +294,7 @@ class _Handler:
         self._metrics = metrics
         self._clock = clock
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         event_type, answer = await self._handle(request)
         self._metrics.webhook_events.labels(event_type, answer.outcome).inc()
         return web.json_response({"outcome": answer.outcome, "message": answer.message}, status=answer.status)
@@ -378,5 +378,5 @@ def webhook_app(  # noqa: PLR0913 - keyword-only options
         raise ValueError("the webhook signing secret must not be empty")
     handler = _Handler(secret=secret, tolerance=tolerance, sender=sender, topic=topic, metrics=metrics, clock=clock)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app.router.add_post(PATH, handler)
+    app.router.add_post(PATH, handler.handle)
     return app

@@ -1,0 +1,126 @@
+"""What SREs see: JSON logs, and the HTTP endpoints /metrics, /healthz and /readyz.
+
+Health tells the truth about progress, not just liveness of the event loop:
+
+- `/readyz` fails until the consumer has joined its group and a session token was obtained (Kafka and
+  Stripe reachable), and whenever lag exists but nothing was delivered or committed for
+  INGESTOR_STUCK_AFTER_S.
+- `/healthz` fails when the worker is wedged: lag exists and nothing was delivered or committed for
+  twice INGESTOR_STUCK_AFTER_S (a restart may help), or the main loop stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ingestor.metrics import Metrics
+
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra=` context."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_"))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+@dataclass
+class HealthState:
+    """Facts the worker keeps current; the endpoints judge them."""
+
+    stuck_after: float
+    clock: Callable[[], float] = time.monotonic
+    joined: bool = False
+    stripe_ok: bool = False
+    running: bool = True
+    last_progress: float = field(default_factory=time.monotonic)
+    lag: Callable[[], int] = lambda: 0
+
+    def progressed(self) -> None:
+        self.last_progress = self.clock()
+
+    def progress_age(self) -> float:
+        return self.clock() - self.last_progress
+
+    def stuck_for(self) -> float:
+        """Seconds without progress while lag exists (0 when there is no lag)."""
+        return self.progress_age() if self.lag() > 0 else 0.0
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.running:
+            return False, "stopping"
+        if not self.joined:
+            return False, "not a member of the consumer group yet"
+        if not self.stripe_ok:
+            return False, "no Stripe session yet"
+        if self.stuck_for() >= self.stuck_after:
+            return False, f"lag but no delivery or commit for {self.stuck_for():.0f}s"
+        return True, "ok"
+
+    def liveness(self) -> tuple[bool, str]:
+        if self.stuck_for() >= 2 * self.stuck_after:
+            return False, f"wedged: lag but no delivery or commit for {self.stuck_for():.0f}s"
+        return True, "ok"
+
+
+def http_app(metrics: Metrics, health: HealthState) -> web.Application:
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def judge(check: Callable[[], tuple[bool, str]]) -> Callable[[web.Request], Any]:
+        async def handler(_: web.Request) -> web.Response:
+            ok, reason = check()
+            return web.json_response({"ok": ok, "reason": reason}, status=200 if ok else 503)
+
+        return handler
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", judge(health.liveness))
+    app.router.add_get("/readyz", judge(health.readiness))
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app`; return the runner (to clean up) and the bound port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, int(bound)

@@ -1,0 +1,421 @@
+"""`ingestor dlq replay`: re-publish dead-lettered events once their cause is fixed.
+
+The dead-letter topic is read from its beginning up to the end offsets taken when the command starts
+(every partition assigned, no consumer group, nothing committed), so the command always ends, even
+while the worker keeps dead-lettering. Each record whose `ingestor.reason` is selected is published to
+the target topic with its original key, value and headers byte for byte, plus its `ingestor.identifier`
+header: the worker takes that header as the identifier of an event that has none, so the replayed
+event keeps the identifier it was dead-lettered with and Stripe's 24-hour de-duplication still applies.
+
+Records with reason `stripe_async_error` hold Stripe's error report about an event, not the event, so
+they are skipped unless asked for by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from ingestor import dlq_format
+from ingestor.errors import REASONS
+from ingestor.settings import SETTINGS, SettingsError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+
+DEFAULT_DLQ_TOPIC: Final = "ingestor.dlq"
+DLQ_TOPIC_ENV: Final = "INGESTOR_DLQ_TOPIC"
+REPORT_REASON: Final = "stripe_async_error"
+#: Records shown by --dry-run.
+SHOW_FIRST: Final = 10
+#: Sends in flight before waiting for their acknowledgements.
+SEND_WINDOW: Final = 1000
+FETCH_TIMEOUT_MS: Final = 1000
+#: Give up when no partition moves towards its snapshot end offset for this long.
+STALL_TIMEOUT_S: Final = 60.0
+NO_REASON: Final = "(none)"
+
+
+class ReplayError(Exception):
+    """The replay cannot go on; the message says why, for the command line."""
+
+
+# --- Kafka connection settings: the worker's KAFKA_* variables only ----------------------------------
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """The worker's Kafka connection settings (`KAFKA_*`), without the rest of its settings."""
+
+    bootstrap_servers: str
+    client_id: str = "ingestor"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
+
+    def client_options(self) -> dict[str, Any]:
+        """aiokafka keyword arguments: servers, client id, TLS and SASL."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if "SSL" in self.security_protocol:
+            from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
+
+            context = create_ssl_context(
+                cafile=self.ssl_cafile or None, certfile=self.ssl_certfile or None, keyfile=self.ssl_keyfile or None
+            )
+            context.check_hostname = self.ssl_check_hostname
+            options["ssl_context"] = context
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        return options
+
+
+def load_kafka(environ: Mapping[str, str], *, bootstrap_servers: str | None = None) -> KafkaConnection:
+    """The `KAFKA_*` settings, parsed by their declarations in `ingestor.settings.SETTINGS`.
+
+    `bootstrap_servers` (the --bootstrap-servers option) replaces KAFKA_BOOTSTRAP_SERVERS.
+    """
+    values: dict[str, Any] = {}
+    for var in SETTINGS:
+        if not var.env.startswith("KAFKA_"):
+            continue
+        raw = environ.get(var.env)
+        if var.field == "bootstrap_servers" and bootstrap_servers:
+            raw = bootstrap_servers
+        if raw is None or (raw.strip() == "" and var.default is not None):
+            if var.default is None:
+                raise SettingsError(f"{var.env} must be set (or --bootstrap-servers given): {var.help}")
+            raw = var.default
+        values[var.field] = var.parse(var.env, raw) if raw != "" else ""
+    if values["sasl_password_file"] and not values["sasl_password"]:
+        values["sasl_password"] = _read_secret("KAFKA_SASL_PASSWORD_FILE", values["sasl_password_file"])
+    if values["security_protocol"].startswith("SASL") and not values["sasl_username"]:
+        raise SettingsError("KAFKA_SASL_USERNAME must be set with KAFKA_SECURITY_PROTOCOL=SASL_*")
+    return KafkaConnection(**values)
+
+
+def _read_secret(env: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{env}: cannot read {path}: {exc.strerror}") from None
+
+
+# --- the pure core: which records to replay, with which headers -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DlqRecord:
+    """One dead-letter record as read."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    def header(self, name: str) -> str | None:
+        found = next((v for k, v in self.headers if k == name), None)
+        return None if found is None else found.decode("utf-8", "replace")
+
+    @property
+    def reason(self) -> str:
+        return self.header(dlq_format.REASON) or NO_REASON
+
+
+def selects(reasons: frozenset[str] | None, reason: str) -> bool:
+    """Whether a record with `reason` is replayed; `reasons` None: every reason that holds an event."""
+    if reasons is None:
+        return reason not in {REPORT_REASON, NO_REASON}
+    return reason in reasons
+
+
+def replay_headers(headers: tuple[tuple[str, bytes], ...]) -> list[tuple[str, bytes]]:
+    """The original record's headers, then its `ingestor.identifier` header if it has one."""
+    kept = dlq_format.strip_own_headers(list(headers))
+    identifier = next((v for k, v in headers if k == dlq_format.IDENTIFIER), None)
+    if identifier is not None:
+        kept.append((dlq_format.IDENTIFIER, identifier))
+    return kept
+
+
+@dataclass
+class Tally:
+    """What a replay read and did."""
+
+    read: int = 0
+    selected: int = 0
+    published: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    reports_skipped: int = 0
+    first: list[DlqRecord] = field(default_factory=list)
+
+    def count(self, record: DlqRecord, selected: bool) -> None:
+        self.read += 1
+        self.by_reason[record.reason] += 1
+        if selected:
+            self.selected += 1
+            if len(self.first) < SHOW_FIRST:
+                self.first.append(record)
+        elif record.reason == REPORT_REASON:
+            self.reports_skipped += 1
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    from_topic: str
+    to_topic: str
+    reasons: frozenset[str] | None = None
+    dry_run: bool = False
+    limit: int | None = None
+
+
+# --- reading the snapshot ---------------------------------------------------------------------------
+
+
+async def _check_topics(consumer: AIOKafkaConsumer, options: ReplayOptions) -> list[TopicPartition]:
+    topics = await consumer.topics()
+    for topic in (options.from_topic, options.to_topic):
+        if topic not in topics:
+            raise ReplayError(f"topic {topic!r} does not exist")
+    partitions = consumer.partitions_for_topic(options.from_topic) or set()
+    return [TopicPartition(options.from_topic, p) for p in sorted(partitions)]
+
+
+async def read_snapshot(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> AsyncGenerator[DlqRecord]:
+    """Every record of `partitions` below the end offsets they have now, partition by partition in order."""
+    consumer.assign(partitions)
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    remaining = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
+    consumer.pause(*(set(partitions) - remaining))
+    last_progress = time.monotonic()
+    while remaining:
+        batches = await consumer.getmany(*remaining, timeout_ms=FETCH_TIMEOUT_MS)
+        for tp, messages in batches.items():
+            for message in messages:
+                if message.offset < ends[tp]:
+                    yield _dlq_record(message)
+        done = {tp for tp in remaining if await consumer.position(tp) >= ends[tp]}
+        consumer.pause(*done)
+        remaining -= done
+        if batches or done:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
+            raise ReplayError(f"no progress reading {sorted(str(tp) for tp in remaining)} for {STALL_TIMEOUT_S:g} s")
+
+
+def _dlq_record(message: Any) -> DlqRecord:
+    return DlqRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=tuple(message.headers or ()),
+    )
+
+
+# --- publishing ----------------------------------------------------------------------------------------
+
+
+class _Publisher:
+    """Sends with a bounded window of unacknowledged records; `flush()` waits for every ack."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._pending: list[Awaitable[Any]] = []
+        self.acked = 0
+
+    async def publish(self, record: DlqRecord) -> None:
+        future = await self._producer.send(
+            self._topic, value=record.value, key=record.key, headers=replay_headers(record.headers)
+        )
+        self._pending.append(future)
+        if len(self._pending) >= SEND_WINDOW:
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        await asyncio.gather(*pending)
+        self.acked += len(pending)
+
+
+async def replay(
+    options: ReplayOptions, connection: KafkaConnection, *, warn: Callable[[str], None] | None = None
+) -> Tally:
+    """Replay the dead-letter snapshot per `options`; raise ReplayError or KafkaError on failure."""
+    warn = warn or _stderr
+    if options.reasons is not None and REPORT_REASON in options.reasons:
+        warn(f"records with reason {REPORT_REASON} hold Stripe's error report, not an event: published as they are")
+    client = connection.client_options()
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **client)
+    producer = AIOKafkaProducer(enable_idempotence=True, acks="all", **client)
+    tally = Tally()
+    await consumer.start()
+    try:
+        partitions = await _check_topics(consumer, options)
+        if options.dry_run:
+            await _walk(consumer, partitions, options, tally, None)
+        else:
+            await producer.start()
+            try:
+                publisher = _Publisher(producer, options.to_topic)
+                await _walk(consumer, partitions, options, tally, publisher)
+                await publisher.flush()
+                tally.published = publisher.acked
+            finally:
+                await producer.stop()
+    finally:
+        await consumer.stop()
+    if tally.reports_skipped:
+        warn(
+            f"skipped {tally.reports_skipped} records with reason {REPORT_REASON}: they hold Stripe's error "
+            "report, not the event, and cannot be replayed as events (re-send those events from their source)"
+        )
+    return tally
+
+
+async def _walk(
+    consumer: AIOKafkaConsumer,
+    partitions: list[TopicPartition],
+    options: ReplayOptions,
+    tally: Tally,
+    publisher: _Publisher | None,
+) -> None:
+    async with contextlib.aclosing(read_snapshot(consumer, partitions)) as records:
+        async for record in records:
+            chosen = selects(options.reasons, record.reason)
+            tally.count(record, chosen)
+            if chosen and publisher is not None:
+                await publisher.publish(record)
+            if options.limit is not None and tally.selected >= options.limit:
+                return
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def _reason(text: str) -> str:
+    if text not in REASONS:
+        raise argparse.ArgumentTypeError(f"unknown reason {text!r}; known: {', '.join(REASONS)}")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)
+    replay_parser = sub.add_parser(
+        "replay",
+        help="re-publish dead-lettered events to a topic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay_parser.add_argument("--to-topic", required=True, help="topic to publish the events to")
+    replay_parser.add_argument(
+        "--from-topic",
+        help=f"dead-letter topic to read (default: ${DLQ_TOPIC_ENV} or {DEFAULT_DLQ_TOPIC})",
+    )
+    replay_parser.add_argument(
+        "--reason",
+        action="append",
+        type=_reason,
+        metavar="CODE",
+        help=f"replay only this reason code (repeatable; default: every reason but {REPORT_REASON})",
+    )
+    replay_parser.add_argument("--dry-run", action="store_true", help="publish nothing; show what would be replayed")
+    replay_parser.add_argument(
+        "--bootstrap-servers", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)"
+    )
+    replay_parser.add_argument("--limit", type=_positive, metavar="N", help="replay at most N records")
+
+
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ReplayOptions:
+    from_topic = args.from_topic or environ.get(DLQ_TOPIC_ENV, "").strip() or DEFAULT_DLQ_TOPIC
+    if from_topic == args.to_topic:
+        raise ReplayError("--to-topic must differ from the dead-letter topic")
+    return ReplayOptions(
+        from_topic=from_topic,
+        to_topic=args.to_topic,
+        reasons=frozenset(args.reason) if args.reason else None,
+        dry_run=args.dry_run,
+        limit=args.limit,
+    )
+
+
+async def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """`ingestor dlq replay` on the running event loop; the exit status."""
+    env = os.environ if environ is None else environ
+    try:
+        options = options_from_args(args, env)
+        connection = load_kafka(env, bootstrap_servers=args.bootstrap_servers)
+        tally = await replay(options, connection)
+    except (ReplayError, SettingsError, KafkaError) as exc:
+        print(f"ingestor dlq replay: error: {exc}", file=sys.stderr)
+        return 1
+    if options.dry_run:
+        _print_dry_run(tally)
+    print(summary(options, tally))
+    return 0
+
+
+def _print_dry_run(tally: Tally) -> None:
+    print("records by reason:")
+    for reason, count in sorted(tally.by_reason.items()):
+        print(f"  {reason}: {count}")
+    if tally.first:
+        print(f"first {len(tally.first)} records that would be replayed:")
+    for record in tally.first:
+        message = record.header(dlq_format.MESSAGE) or ""
+        print(f"  {record.topic}/{record.partition}/{record.offset} {record.reason}: {message}")
+
+
+def summary(options: ReplayOptions, tally: Tally) -> str:
+    route = f"from {options.from_topic} to {options.to_topic}"
+    skipped = tally.read - tally.selected
+    if options.dry_run:
+        return f"dry run: would replay {tally.selected} of {tally.read} records {route} ({skipped} skipped)"
+    return f"replayed {tally.published} of {tally.read} records {route} ({skipped} skipped)"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.dlq_command != "replay":  # pragma: no cover - argparse only offers replay
+        return 2
+    return asyncio.run(run(args))

@@ -1,0 +1,493 @@
+"""The worker: wires consumer, decoder, batcher, budget, session, delivery, dead letters and offsets.
+
+```
+getmany ─▶ Decoder ─▶ Batcher ─▶ queue ─▶ sender tasks (Delivery: budget ▸ token ▸ POST ▸ classify)
+   │           └─ rejects ─▶ DeadLetterWriter ─┐                      │
+   └─▶ OffsetTracker.open(chunk) ◀── complete ──┴──────────────────────┘ ─▶ commit loop
+```
+
+Lifecycle: `async with Worker(settings) as worker: await worker.run()`. `request_stop()` (SIGTERM)
+stops fetching; `run` then drains in-flight work within INGESTOR_DRAIN_TIMEOUT_S, commits what is
+done and returns. On revoke, the revoked partitions' work is drained and committed before release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Self
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from ingestor import catalog as catalog_mod
+from ingestor.batching import Batch, Batcher
+from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
+from ingestor.clock import SYSTEM_CLOCK, Clock
+from ingestor.deadletter import DeadLetterWriter
+from ingestor.delivery import Delivery
+from ingestor.events import Decoder
+from ingestor.metrics import Metrics
+from ingestor.observability import HealthState, http_app, start_site
+from ingestor.offsets import OffsetTracker
+from ingestor.session import SessionManager, create_session
+from ingestor.stream_client import AiohttpTransport, StreamClient
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from types import TracebackType
+
+    from ingestor.settings import Settings
+
+log = logging.getLogger("ingestor.worker")
+
+POLL_TIMEOUT_MS = 100
+RESUME_FRACTION = 0.5
+CATALOG_RETRY_S = 5.0
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._worker.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._worker.on_assigned(list(assigned))
+
+
+class Worker:
+    """One replica of the ingestion worker."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.tracker = OffsetTracker()
+        self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes)
+        self.catalog = catalog_mod.MeterCatalog()
+        self.decoder = Decoder(self.catalog, max_record_bytes=settings.max_record_bytes)
+        self.budget = RequestBudget(
+            settings.effective_rps_budget, clock.monotonic(), BudgetPolicy(headroom=settings.budget_headroom)
+        )
+        self.gate = BudgetGate(self.budget, clock)
+        self.health = HealthState(stuck_after=settings.stuck_after_s, clock=clock.monotonic, lag=self.total_lag)
+        self.queue: asyncio.Queue[Batch] = asyncio.Queue()
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+        self._paused = False
+        self._first_offsets: dict[TopicPartition, int] = {}
+        self._exit = contextlib.AsyncExitStack()
+        self._http: aiohttp.ClientSession | None = None
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.sessions: SessionManager | None = None
+        self.dead_letters: DeadLetterWriter | None = None
+        self.delivery: Delivery | None = None
+        self._export_state()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._exit.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._exit.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        runner, self.metrics_port = await start_site(
+            http_app(self.metrics, self.health), s.metrics_host, s.metrics_port
+        )
+        self._exit.push_async_callback(runner.cleanup)
+        connector = aiohttp.TCPConnector(limit=s.max_in_flight + 8, ttl_dns_cache=300, keepalive_timeout=30)
+        self._http = aiohttp.ClientSession(connector=connector)
+        self._exit.push_async_callback(self._http.close)
+        self.sessions = SessionManager(
+            functools.partial(
+                create_session, self._http, s.stripe_api_base, s.api_key, s.stripe_version, s.request_timeout_s
+            ),
+            clock=self.clock,
+            margin_seconds=s.session_refresh_margin_s,
+        )
+        await self._exit.enter_async_context(self.sessions)
+        await self._load_catalog()
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=f"{s.client_id}-dlq",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            **s.kafka_security(),
+        )
+        await self.producer.start()
+        self._exit.push_async_callback(self.producer.stop)
+        self.dead_letters = DeadLetterWriter(self.producer, s.dlq_topic, self.tracker, self.metrics)
+        self.delivery = Delivery(
+            client=StreamClient(
+                AiohttpTransport(self._http, s.request_timeout_s), s.stripe_meter_events_base, s.stripe_version
+            ),
+            sessions=self.sessions,
+            budget=self.gate,
+            dead_letters=self.dead_letters,
+            tracker=self.tracker,
+            metrics=self.metrics,
+            clock=self.clock,
+            retry_base=s.retry_base_s,
+            retry_max=s.retry_max_s,
+            retry_deadline=s.retry_deadline_s,
+        )
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            client_id=s.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            isolation_level="read_committed",
+            max_poll_interval_ms=max(300_000, int(s.drain_timeout_s * 2000)),
+            **s.kafka_security(),
+        )
+        await self.consumer.start()
+        self._exit.push_async_callback(self.consumer.stop)
+        self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
+
+    async def _load_catalog(self) -> None:
+        s = self.settings
+        if s.meter_catalog == "static":
+            self.catalog.replace(catalog_mod.from_static(s.meters))
+            return
+        if s.meter_catalog == "off":
+            return
+        while not self._stop.is_set():
+            try:
+                self.catalog.replace(await self._fetch_catalog())
+            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
+                await asyncio.sleep(CATALOG_RETRY_S)
+            else:
+                log.info("meter catalog loaded", extra={"meters": len(self.catalog)})
+                return
+
+    async def _fetch_catalog(self) -> catalog_mod.MeterCatalog:
+        assert self._http is not None
+        s = self.settings
+        return await catalog_mod.fetch_from_stripe(self._http, s.stripe_api_base, s.api_key, s.stripe_version)
+
+    def request_stop(self) -> None:
+        """Stop fetching; `run` drains and returns."""
+        if not self._stop.is_set():
+            log.info("stop requested; draining", extra={"deadline_s": self.settings.drain_timeout_s})
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume and deliver until `request_stop`, then drain and commit."""
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            tasks = self._spawn_background()
+            await self._poll_loop()
+            await self._drain(self.settings.drain_timeout_s)
+        finally:
+            self.health.running = False
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await self._commit()
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    def _spawn_background(self) -> list[asyncio.Task[Any]]:
+        assert self.dead_letters is not None
+        coros = [self._sender(i) for i in range(self.settings.max_in_flight)]
+        coros += [self._linger_loop(), self._commit_loop(), self.dead_letters.run()]
+        if self.settings.meter_catalog == "stripe":
+            coros.append(self._catalog_loop())
+        tasks = [asyncio.create_task(c) for c in coros]
+        for task in tasks:
+            task.add_done_callback(self._on_task_done)
+        return tasks
+
+    def _on_task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed; stopping", exc_info=task.exception())
+            self._stop.set()
+
+    # ----------------------------------------------------------------- the hot loop
+
+    async def _poll_loop(self) -> None:
+        consumer = self.consumer
+        max_records = self.settings.fetch_max_records
+        while not self._stop.is_set():
+            self._backpressure()
+            try:
+                data = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max_records)
+            except KafkaError as exc:
+                log.warning("fetch failed; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            if data:
+                self._ingest(data)
+
+    def _ingest(self, data: dict[TopicPartition, list[Any]]) -> None:
+        now_wall, now = time.time(), self.clock.monotonic()
+        tracker, batcher, queue = self.tracker, self.batcher, self.queue
+        assert self.dead_letters is not None
+        submit = self.dead_letters.submit
+        for tp, records in data.items():
+            if not records:
+                continue
+            chunk = tracker.open(tp, records[0].offset, records[-1].offset + 1, len(records))
+            if chunk.released:
+                continue
+            self._first_offsets.setdefault(tp, records[0].offset)
+            events, sources, rejected = self.decoder.decode(records, now_wall)
+            for record, rejection in rejected:
+                submit(chunk, record, rejection, first_failure=now_wall, last_failure=now_wall)
+            for batch in batcher.add(chunk, events, sources, now):
+                queue.put_nowait(batch)
+            self.metrics.events_consumed.labels(tp.topic).inc(len(records))
+
+    def _backpressure(self) -> None:
+        limit = self.settings.max_buffered_events
+        assignment = list(self.consumer.assignment())
+        if not self._paused and self.tracker.pending >= limit:
+            self.consumer.pause(*assignment)
+            self._paused = True
+        elif self._paused and self.tracker.pending < limit * RESUME_FRACTION:
+            self.consumer.resume(*assignment)
+            self._paused = False
+        elif self._paused:
+            self.consumer.pause(*assignment)  # partitions assigned while paused
+
+    async def _sender(self, _: int) -> None:
+        assert self.delivery is not None
+        deliver, queue = self.delivery.deliver, self.queue
+        while True:
+            batch = await queue.get()
+            try:
+                await deliver(batch)
+            finally:
+                queue.task_done()
+
+    async def _linger_loop(self) -> None:
+        linger = self.settings.linger_ms / 1000
+        tick = max(0.002, linger / 4)
+        while True:
+            await asyncio.sleep(tick)
+            batch = self.batcher.flush_due(self.clock.monotonic(), linger)
+            if batch is not None:
+                self.queue.put_nowait(batch)
+
+    # ----------------------------------------------------------------- offsets
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self._commit()
+            self._observe_health()
+
+    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        offsets = self.tracker.committable()
+        if only is not None:
+            wanted = set(only)
+            offsets = {tp: o for tp, o in offsets.items() if tp in wanted}
+        if not offsets or self.consumer is None:
+            return
+        try:
+            await self.consumer.commit({TopicPartition(*tp): o for tp, o in offsets.items()})
+        except KafkaError as exc:
+            self.metrics.commits.labels("failed").inc()
+            log.warning("offset commit failed; will retry", extra={"error": repr(exc)})
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("ok").inc()
+        self.health.progressed()
+
+    def _observe_health(self) -> None:
+        health = self.health
+        if self.delivery is not None and self.delivery.last_delivery > health.last_progress:
+            health.last_progress = self.delivery.last_delivery
+        expiry = self.sessions.seconds_until_expiry(self.clock.monotonic()) if self.sessions else None
+        health.stripe_ok = expiry is not None and expiry > 0
+
+    async def _drain(self, limit: float) -> None:
+        """Send what is buffered and wait for everything in flight, up to `limit` seconds."""
+        batch = self.batcher.flush()
+        if batch is not None:
+            self.queue.put_nowait(batch)
+        await self._wait_until(lambda: self.tracker.pending == 0, limit)
+        if self.tracker.pending:
+            log.warning("drain deadline passed with work in flight", extra={"pending": self.tracker.pending})
+
+    async def _wait_until(self, done: Callable[[], bool], limit: float) -> None:
+        """Poll `done` every 10 ms for up to `limit` seconds (completions are many and small: polling
+        costs less than signalling each one)."""
+        deadline = self.clock.monotonic() + limit
+        while not done() and self.clock.monotonic() < deadline:  # noqa: ASYNC110 - see docstring
+            await asyncio.sleep(0.01)
+
+    # ----------------------------------------------------------------- rebalances
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.metrics.rebalances.labels("revoked").inc()
+        batch = self.batcher.flush()
+        if batch is not None:
+            self.queue.put_nowait(batch)
+        await self._wait_until(
+            lambda: not any(self.tracker.in_flight(tp) for tp in revoked), self.settings.drain_timeout_s
+        )
+        await self._commit(revoked)
+        for tp in revoked:
+            self.tracker.revoke(tp)
+            self._first_offsets.pop(tp, None)
+        log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
+
+    def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.metrics.rebalances.labels("assigned").inc()
+        for tp in assigned:
+            self.tracker.assign(tp)
+        self.health.joined = True
+        owned = len(self.consumer.assignment())
+        total = sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.settings.topics)
+        self.gate.set_share(owned, total)
+        log.info(
+            "partitions assigned",
+            extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in assigned], "owned": owned, "total": total},
+        )
+
+    # ----------------------------------------------------------------- catalog
+
+    async def _catalog_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.meter_refresh_s)
+            try:
+                self.catalog.replace(await self._fetch_catalog())
+            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
+
+    # ----------------------------------------------------------------- state for metrics
+
+    def lags(self) -> dict[TopicPartition, int]:
+        out: dict[TopicPartition, int] = {}
+        if self.consumer is None:
+            return out
+        for tp in self.tracker.assigned():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            base = self.tracker.committed(tp)
+            if base is None:
+                base = self._first_offsets.get(tp, high)
+            out[tp] = max(0, high - base)
+        return out
+
+    def total_lag(self) -> int:
+        return sum(self.lags().values())
+
+    def _export_state(self) -> None:
+        m, budget = self.metrics, self.budget
+
+        def one(value: float) -> list[tuple[tuple[str, ...], float]]:
+            return [((), float(value))]
+
+        def per_partition(values: dict[TopicPartition, int]) -> list[tuple[tuple[str, ...], float]]:
+            return [((tp.topic, str(tp.partition)), float(v)) for tp, v in values.items()]
+
+        def committed() -> dict[TopicPartition, int]:
+            out = {}
+            for tp in self.tracker.assigned():
+                value = self.tracker.committed(tp)
+                if value is not None:
+                    out[TopicPartition(*tp)] = value
+            return out
+
+        def expiry() -> list[tuple[tuple[str, ...], float]]:
+            left = self.sessions.seconds_until_expiry(self.clock.monotonic()) if self.sessions else None
+            return [] if left is None else one(left)
+
+        now = self.clock.monotonic
+        partition_labels = ("topic", "partition")
+        m.export_state(
+            "ingestor_consumer_lag_records",
+            "Records behind the partition's end.",
+            lambda: per_partition(self.lags()),
+            partition_labels,
+        )
+        m.export_state(
+            "ingestor_committed_offset", "Last committed offset.", lambda: per_partition(committed()), partition_labels
+        )
+        m.export_state(
+            "ingestor_partitions_assigned", "Partitions this replica owns.", lambda: one(len(self.tracker.assigned()))
+        )
+        m.export_state(
+            "ingestor_partitions_paused",
+            "Partitions paused for backpressure.",
+            lambda: one(len(self.tracker.assigned()) if self._paused else 0),
+        )
+        m.export_state(
+            "ingestor_buffered_events", "Records consumed and not yet done.", lambda: one(self.tracker.pending)
+        )
+        m.export_state(
+            "ingestor_last_progress_age_seconds",
+            "Seconds since the last delivery or commit.",
+            lambda: one(self.health.progress_age()),
+        )
+        m.export_state("ingestor_ready", "1 when /readyz passes.", lambda: one(self.health.readiness()[0]))
+        m.export_state("ingestor_session_expiry_seconds", "Seconds until the session token expires.", expiry)
+        m.export_state(
+            "ingestor_session_rotations_total",
+            "Session tokens created.",
+            lambda: one(self.sessions.rotations_total if self.sessions else 0),
+            counter=True,
+        )
+        m.export_state(
+            "ingestor_session_refresh_failures_total",
+            "Failed session creations.",
+            lambda: one(self.sessions.refresh_failures_total if self.sessions else 0),
+            counter=True,
+        )
+        m.export_state("ingestor_budget_requests_per_second", "This replica's current pace.", lambda: one(budget.rate))
+        m.export_state(
+            "ingestor_budget_total_requests_per_second",
+            "The account's budget, all replicas.",
+            lambda: one(budget.total_rps),
+        )
+        m.export_state("ingestor_budget_share_ratio", "This replica's share of the budget.", lambda: one(budget.share))
+        m.export_state(
+            "ingestor_budget_factor_ratio", "Backoff factor after 429s (1: none).", lambda: one(budget.factor)
+        )
+        m.export_state(
+            "ingestor_budget_utilization_ratio",
+            "Requests sent / allowed, last 10 s.",
+            lambda: one(budget.utilization(now())),
+        )
+        m.export_state(
+            "ingestor_budget_saturated",
+            "1 when the budget, not the worker, limits throughput.",
+            lambda: one(budget.saturated(now())),
+        )
+        m.export_state(
+            "ingestor_budget_wait_seconds_total",
+            "Time requests waited for the budget.",
+            lambda: one(budget.waited_seconds_total),
+            counter=True,
+        )
+        m.export_state(
+            "ingestor_dlq_backlog_records",
+            "Dead-letter records waiting for Kafka's ack.",
+            lambda: one(self.dead_letters.backlog if self.dead_letters else 0),
+        )
