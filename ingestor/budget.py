@@ -3,7 +3,7 @@
 The account's stream budget (``total_rps``, e.g. 10,000 requests/s live) is shared by every replica.
 This replica's nominal rate is::
 
-    nominal = total_rps × share × (1 − headroom) × factor
+    nominal = total_rps * share * (1 - headroom) * factor
 
 ``share`` is the fraction of the topics' partitions this replica owns (recomputed on every rebalance;
 owning nothing means no budget at all). ``factor`` is AIMD: halved on a 429 (at most once per
@@ -14,16 +14,16 @@ Pacing is GCRA (virtual scheduling). Each reservation takes the next slot on a v
 advances ``1/rate`` per reservation; a caller that is early by more than the burst tolerance ``tau``
 waits. For every pair of reservations i < j::
 
-    send_j ≥ send_i + (j − i)/rate − tau
+    send_j ≥ send_i + (j - i)/rate - tau
 
-so any half-open window of W seconds holds at most ``ceil(W·rate + burst − 1)`` of this replica's
-sends, where ``burst = max(1, rate·burst_seconds)`` and ``tau = (burst − 1)/rate``.
+so any half-open window of W seconds holds at most ``ceil(W·rate + burst - 1)`` of this replica's
+sends, where ``burst = max(1, rate·burst_seconds)`` and ``tau = (burst - 1)/rate``.
 
 The per-second *quota* turns that into an account-wide guarantee. ``quota = floor(nominal)``, and the
 pacing ``rate = min(quota, (quota + 1)/(1 + burst_seconds))``, which makes
-``ceil(rate + burst − 1) ≤ quota``: no 1-second window ever holds more than ``quota`` sends of this
+``ceil(rate + burst - 1) ≤ quota``: no 1-second window ever holds more than ``quota`` sends of this
 replica. Shares sum to at most 1, so the quotas of all replicas sum to at most
-``total_rps × (1 − headroom) ≤ total_rps``. The cost is the burst's room (``burst_seconds``, 2 %) and
+``total_rps * (1 - headroom) ≤ total_rps``. The cost is the burst's room (``burst_seconds``, 2 %) and
 under one request/s of rounding per replica. A replica whose nominal rate is below 1/s paces at the
 nominal rate (quota 1): it cannot be rounded down to nothing.
 
@@ -54,7 +54,7 @@ DEFAULT_MIN_FACTOR: Final = 0.05
 DEFAULT_DECREASE_COOLDOWN_S: Final = 1.0
 DEFAULT_RECOVERY_PER_S: Final = 0.05
 
-#: The sliding window behind `utilization` and `saturated`: buckets × width seconds.
+#: The sliding window behind `utilization` and `saturated`: buckets * width seconds.
 WINDOW_BUCKETS: Final = 10
 WINDOW_BUCKET_S: Final = 1.0
 #: Saturated when callers waited on the budget at least this fraction of the window ...
@@ -64,7 +64,7 @@ SATURATION_UTILIZATION: Final = 0.95
 #: Too little observed time to judge saturation below this many seconds.
 SATURATION_MIN_OBSERVED_S: Final = 1.0
 
-#: Absorbs float error at integer quotas (300 × 1/3 × 0.97 must give 97, not 96).
+#: Absorbs float error at integer quotas (300 * 1/3 * 0.97 must give 97, not 96).
 _QUOTA_EPSILON: Final = 1e-9
 
 
@@ -120,7 +120,7 @@ def pacing(nominal: float, burst_seconds: float) -> tuple[float, int]:
 
 
 class _ActivityWindow:
-    """Sums over the last ``buckets`` × ``width`` seconds, in a ring of buckets.
+    """Sums over the last ``buckets`` * ``width`` seconds, in a ring of buckets.
 
     Per bucket: seconds observed, seconds during which some caller was waiting on the budget,
     requests allowed (∫ rate dt) and reservations. `accrue` spreads a time span over the buckets it
@@ -219,7 +219,7 @@ class RequestBudget:
         self.rate, self.quota = pacing(self.nominal_rate, self.policy.burst_seconds)
         if self.rate > 0.0:
             self._interval = 1.0 / self.rate
-            self._tau = max(0.0, self.policy.burst_seconds - self._interval)  # (burst − 1)/rate
+            self._tau = max(0.0, self.policy.burst_seconds - self._interval)  # (burst - 1)/rate
         else:
             self._interval, self._tau = math.inf, 0.0
 

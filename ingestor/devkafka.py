@@ -25,6 +25,7 @@ import atexit
 import base64
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -74,6 +75,7 @@ TOPIC_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.2
 LOG_TAIL_LINES = 40
+MAVEN_ERROR_LINES = 5
 
 BROKER_JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20")
 #: The storage tool lives for a second: a small heap and the quick JIT tier start it faster.
@@ -157,7 +159,7 @@ def _fetch_with_maven(version: str, libs: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     command = [
         _executable("mvn", "Maven"),
-        *("-q", "-B", "-f", str(_pom_path())),
+        *("-q", "-B", "-Dstyle.color=never", "-f", str(_pom_path())),
         "dependency:copy-dependencies",
         f"-Dkafka.version={version}",
         f"-DoutputDirectory={partial}",
@@ -169,11 +171,18 @@ def _fetch_with_maven(version: str, libs: Path) -> None:
     if done.returncode != 0 or not (partial / f"kafka_2.13-{version}.jar").is_file():
         shutil.rmtree(partial, ignore_errors=True)
         raise KafkaFetchError(
-            f"`{' '.join(command)}` failed (exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}"
+            f"`{' '.join(command)}` failed (exit {done.returncode}):\n{_maven_errors(done.stdout + done.stderr)}"
         )
     shutil.rmtree(libs, ignore_errors=True)  # what a failed earlier attempt left, if anything
     partial.rename(libs)
     (libs / COMPLETE_MARKER).write_text(f"{version}\n")
+
+
+def _maven_errors(output: str) -> str:
+    """Maven's own error lines (the first says what failed), without its generic advice."""
+    errors = [line[line.index("[ERROR]") :] for line in output.splitlines() if "[ERROR]" in line]
+    first_block = list(itertools.takewhile(lambda line: line[7:].strip(), errors))
+    return "\n".join(first_block[:MAVEN_ERROR_LINES]) or _tail(output)
 
 
 def _pom_path() -> Path:
@@ -535,7 +544,7 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
 async def produce(  # noqa: PLR0913 - keyword-only options of one call
     bootstrap: str,
     topic: str,
-    values: Sequence[bytes],
+    values: Sequence[bytes | None],
     *,
     keys: Sequence[bytes | None] | None = None,
     partition: int | None = None,
@@ -572,7 +581,7 @@ class _Batcher:
         self._open: dict[int, Any] = {}
         self._sent: list[asyncio.Future[Any]] = []
 
-    async def add(self, partition: int, key: bytes | None, value: bytes) -> None:
+    async def add(self, partition: int, key: bytes | None, value: bytes | None) -> None:
         batch = self._open.get(partition)
         if batch is not None and self._append(batch, key, value):
             return
@@ -580,7 +589,7 @@ class _Batcher:
             await self._send(partition, batch)
         batch = self._open[partition] = self._producer.create_batch()
         if not self._append(batch, key, value):
-            raise ValueError(f"a record of {len(value)} bytes does not fit in a batch")
+            raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch")
 
     async def flush(self) -> None:
         for partition, batch in self._open.items():
@@ -589,7 +598,7 @@ class _Batcher:
         await asyncio.gather(*self._sent)
         self._sent.clear()
 
-    def _append(self, batch: Any, key: bytes | None, value: bytes) -> bool:
+    def _append(self, batch: Any, key: bytes | None, value: bytes | None) -> bool:
         return batch.append(key=key, value=value, timestamp=None, headers=self._headers) is not None
 
     async def _send(self, partition: int, batch: Any) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ingestor import dlq_format
@@ -196,21 +197,32 @@ class ReplayOptions:
 # --- reading the snapshot ---------------------------------------------------------------------------
 
 
-async def _check_topics(consumer: AIOKafkaConsumer, options: ReplayOptions) -> list[TopicPartition]:
-    topics = await consumer.topics()
+async def _partitions(client: dict[str, Any], options: ReplayOptions) -> list[TopicPartition]:
+    """The dead-letter topic's partitions, once both topics are known to exist."""
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([options.from_topic, options.to_topic])
+    finally:
+        await admin.close()
+    found = {d["topic"]: d for d in described if not d["error_code"]}
     for topic in (options.from_topic, options.to_topic):
-        if topic not in topics:
+        if topic not in found:
             raise ReplayError(f"topic {topic!r} does not exist")
-    partitions = consumer.partitions_for_topic(options.from_topic) or set()
-    return [TopicPartition(options.from_topic, p) for p in sorted(partitions)]
+    numbers = sorted(p["partition"] for p in found[options.from_topic]["partitions"])
+    return [TopicPartition(options.from_topic, n) for n in numbers]
 
 
 async def read_snapshot(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> AsyncGenerator[DlqRecord]:
-    """Every record of `partitions` below the end offsets they have now, partition by partition in order."""
+    """Every record of `partitions` below the end offsets they have now, in order within each partition."""
+    if not partitions:
+        return
     consumer.assign(partitions)
+    starts: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
     ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
-    await consumer.seek_to_beginning(*partitions)
-    remaining = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
+    for tp in partitions:
+        consumer.seek(tp, starts[tp])
+    remaining = {tp for tp in partitions if starts[tp] < ends[tp]}
     consumer.pause(*(set(partitions) - remaining))
     last_progress = time.monotonic()
     while remaining:
@@ -273,31 +285,30 @@ async def replay(
     if options.reasons is not None and REPORT_REASON in options.reasons:
         warn(f"records with reason {REPORT_REASON} hold Stripe's error report, not an event: published as they are")
     client = connection.client_options()
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **client)
-    producer = AIOKafkaProducer(enable_idempotence=True, acks="all", **client)
+    partitions = await _partitions(client, options)
     tally = Tally()
-    await consumer.start()
-    try:
-        partitions = await _check_topics(consumer, options)
-        if options.dry_run:
-            await _walk(consumer, partitions, options, tally, None)
-        else:
-            await producer.start()
-            try:
-                publisher = _Publisher(producer, options.to_topic)
-                await _walk(consumer, partitions, options, tally, publisher)
-                await publisher.flush()
-                tally.published = publisher.acked
-            finally:
-                await producer.stop()
-    finally:
-        await consumer.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **client)
+        stack.push_async_callback(consumer.stop)
+        await consumer.start()
+        publisher = None if options.dry_run else await _publisher(stack, client, options.to_topic)
+        await _walk(consumer, partitions, options, tally, publisher)
+        if publisher is not None:
+            await publisher.flush()
+            tally.published = publisher.acked
     if tally.reports_skipped:
         warn(
             f"skipped {tally.reports_skipped} records with reason {REPORT_REASON}: they hold Stripe's error "
             "report, not the event, and cannot be replayed as events (re-send those events from their source)"
         )
     return tally
+
+
+async def _publisher(stack: contextlib.AsyncExitStack, client: dict[str, Any], topic: str) -> _Publisher:
+    producer = AIOKafkaProducer(enable_idempotence=True, acks="all", **client)
+    stack.push_async_callback(producer.stop)
+    await producer.start()
+    return _Publisher(producer, topic)
 
 
 async def _walk(

@@ -186,7 +186,7 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
     api_base: str,
     api_key: str,
     stripe_version: str,
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109 - aiohttp's total timeout for this one request
     *,
     clock: Clock = SYSTEM_CLOCK,
 ) -> SessionGrant:
@@ -203,7 +203,9 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
             body = await response.read()
             status, response_headers = response.status, dict(response.headers)
     except TimeoutError:
-        raise SessionUnavailable(f"creating a meter event session timed out after {timeout} s", code="timeout") from None
+        raise SessionUnavailable(
+            f"creating a meter event session timed out after {timeout} s", code="timeout"
+        ) from None
     except aiohttp.ClientError as exc:
         text = _redact(f"{type(exc).__name__}: {exc}", api_key)
         raise SessionUnavailable(f"cannot reach {url}: {text}", code="connection_error") from None
@@ -214,7 +216,7 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^(failures−1)))."""
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^(failures-1)))."""
 
     base: float = DEFAULT_BACKOFF_BASE_S
     cap: float = DEFAULT_BACKOFF_CAP_S
@@ -249,7 +251,7 @@ class SessionManager:
         *,
         clock: Clock = SYSTEM_CLOCK,
         margin_seconds: float = DEFAULT_MARGIN_SECONDS,
-        backoff: Backoff = Backoff(),  # noqa: B008 - frozen, so one shared default is safe
+        backoff: Backoff = Backoff(),
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._create = create
@@ -375,7 +377,10 @@ class SessionManager:
         self.consecutive_failures = 0
         self.rotations_total += 1
         logger.info(
-            "meter event session %s created (livemode=%s, ttl %.0f s)", grant.session_id, grant.livemode, grant.ttl_seconds
+            "meter event session %s created (livemode=%s, ttl %.0f s)",
+            grant.session_id,
+            grant.livemode,
+            grant.ttl_seconds,
         )
 
     def _record_failure(self, error: SessionError) -> None:

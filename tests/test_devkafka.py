@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,8 +26,6 @@ from ingestor.devkafka import (
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -196,3 +197,32 @@ def test_cli_up_status_down(
     assert not state.is_running()
     assert BrokerState.load() is None
     assert cli.main(["kafka", "status"]) == 1
+
+
+@pytest.mark.slow
+def test_a_broker_does_not_outlive_its_killed_owner(tmp_path: Path) -> None:
+    owner_code = (
+        "import sys, time\n"
+        "from ingestor.devkafka import LocalKafka\n"
+        "broker = LocalKafka()\n"
+        "broker.start()\n"
+        "print(broker.pid, broker.data_dir, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert owner.stdout is not None
+        pid, data_dir = owner.stdout.readline().decode().split()
+    finally:
+        owner.kill()
+        owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+    while Path(data_dir).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(data_dir).exists()

@@ -61,16 +61,18 @@ def grouping_bounds(start: int, end: int, grouping: Window | None) -> list[tuple
     return [(low, min(low + width, end)) for low in range(start, end, width)]
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    start: int
+    end: int
+    grouping: Window | None = None
+
+
 def summarize(
-    events: Iterable[tuple[float, int]],
-    formula: Formula,
-    *,
-    start: int,
-    end: int,
-    event_time_window: Window | None = None,
-    grouping: Window | None = None,
+    events: Iterable[tuple[float, int]], formula: Formula, query: Query, event_time_window: Window | None = None
 ) -> list[Summary]:
     """Summaries of one customer's events on one meter; `events` are (timestamp, value) in arrival order."""
+    start, end, grouping = query.start, query.end, query.grouping
     kept = latest_per_window(events, event_time_window) if event_time_window else list(events)
     # A stable sort keeps arrival order among equal timestamps, so `last` picks the later arrival.
     kept.sort(key=lambda event: event[0])

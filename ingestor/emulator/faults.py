@@ -52,6 +52,8 @@ class Faults:
     latency_jitter_s: float = 0.0
     revoke_sessions_after_s: float | None = None
     refuse_connections: bool = False
+    #: switch `refuse_connections` off by itself after this many seconds (None = stay refusing)
+    refuse_for_s: float | None = None
     scope: Scope = "stream"
     #: Stop injecting (outcomes, not latency) after this many faulted requests; None = never.
     max_faults: int | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ingestor.emulator.limits import MAX_FUTURE_S, MAX_PAST_S, MAX_VALUE_DIGITS
 
@@ -67,7 +67,9 @@ def check_timestamp(timestamp: float, arrival: float) -> Problem | None:
             "The timestamp is more than 35 days in the past.",
         )
     if timestamp > arrival + MAX_FUTURE_S:
-        return Problem("timestamp_in_future", "timestamp_in_future", "The timestamp is more than 5 minutes in the future.")
+        return Problem(
+            "timestamp_in_future", "timestamp_in_future", "The timestamp is more than 5 minutes in the future."
+        )
     return None
 
 
@@ -125,7 +127,7 @@ def fast_columns(
     payloads: list[dict[str, str]],
     timestamps: list[float],
     arrival: float,
-    customers: AbstractSet[str] | None,
+    customers: frozenset[str] | None,
 ) -> tuple[list[str], list[int]] | None:
     """(customers, values) when every event of a one-meter batch is valid, else None (use `check_event`).
 
@@ -138,10 +140,11 @@ def fast_columns(
         return None
     if customers is not None and not customers.issuperset(owners):
         return None
-    digits = "".join(values)  # type: ignore[arg-type]  # None was ruled out above
-    if not (digits.isascii() and digits.isdigit()) or max(map(len, values)) > MAX_VALUE_DIGITS:  # type: ignore[arg-type]
+    texts = cast("list[str]", values)  # None was ruled out above
+    digits = "".join(texts)
+    if not (digits.isascii() and digits.isdigit()) or max(map(len, texts)) > MAX_VALUE_DIGITS:
         return None
-    numbers = list(map(int, values))  # type: ignore[arg-type]
+    numbers = list(map(int, texts))
     if min(numbers) <= 0 or min(timestamps) < arrival - MAX_PAST_S or max(timestamps) > arrival + MAX_FUTURE_S:
         return None
-    return list(map(sys.intern, owners)), numbers  # type: ignore[arg-type]
+    return list(map(sys.intern, cast("list[str]", owners))), numbers

@@ -1,0 +1,47 @@
+"""`POST /v2/billing/meter_event_session` and the hot path, `POST /v2/billing/meter_event_stream`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ingestor.emulator.auth import check_key, credential
+from ingestor.emulator.bodies import JSON, read_body, require_type
+from ingestor.emulator.errors import rate_limited, session_expired, unauthorized
+from ingestor.emulator.responses import json_response, ok_empty
+from ingestor.emulator.stream_body import parse_stream_body
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ingestor.emulator.context import Call, Context
+
+AUTHORIZATION = "Authorization"
+
+
+async def create_session(ctx: Context, call: Call) -> web.StreamResponse:
+    key = check_key(call.request.headers.get(AUTHORIZATION), ctx.config.known_keys)
+    await read_body(call.request, ctx.config.max_body_bytes)  # `{}` or nothing; no parameters
+    state = ctx.state
+    session = state.sessions.create(state.ids.new("mes_"), key.key, key.livemode, ctx.clock(), ctx.config.session_ttl)
+    return json_response(session.to_json())
+
+
+async def stream(ctx: Context, call: Call) -> web.StreamResponse:
+    request = call.request
+    token = credential(request.headers.get(AUTHORIZATION), allow_basic=False)
+    if token is None:
+        raise unauthorized("You did not provide a meter event session token in the Authorization header.")
+    now = ctx.clock()
+    session = ctx.state.sessions.resolve(token, now, ctx.planner.faults.revoke_sessions_after_s)
+    if session is None:
+        raise session_expired()
+    livemode = session.livemode
+    if not ctx.limiter.allow(session.api_key, ctx.config.stream_limit(livemode), now):
+        ctx.state.stats.rate_limited += 1
+        raise rate_limited("endpoint-rate" if livemode else "global-rate")
+    body = await read_body(request, ctx.config.max_body_bytes)
+    require_type(request, JSON, body)
+    batch = parse_stream_body(body, now)
+    batch.livemode = livemode
+    ctx.state.accept_stream(batch)
+    return ok_empty()

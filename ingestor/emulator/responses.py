@@ -1,0 +1,26 @@
+"""JSON responses (orjson) and Stripe-shaped error responses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from ingestor.emulator.errors import ApiError
+
+JSON = "application/json"
+EMPTY_OBJECT = b"{}"
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def ok_empty() -> web.Response:
+    return web.Response(body=EMPTY_OBJECT, content_type=JSON)
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), error.status, error.headers or None)

@@ -1,0 +1,63 @@
+"""Fakes at the boundaries, shared by the tests: a virtual clock that tests move by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+#: Event-loop turns `FakeClock.advance` gives woken tasks to run before it looks at the clock again.
+SETTLE_TURNS = 50
+
+
+async def settle(turns: int = SETTLE_TURNS) -> None:
+    """Let every runnable task run until it blocks again (tasks chained up to ``turns`` deep)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+class FakeClock:
+    """A `ingestor.clock.Clock` whose time moves only in `advance`; sleepers wake in deadline order."""
+
+    def __init__(self, start: float = 1000.0, wall_offset: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self.wall_offset = wall_offset
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.wall_offset + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._seq), future))
+        await future
+
+    @property
+    def sleepers(self) -> int:
+        """Sleeps still pending (cancelled ones excluded)."""
+        return sum(1 for _, _, future in self._sleepers if not future.done())
+
+    def next_deadline(self) -> float | None:
+        live = [deadline for deadline, _, future in self._sleepers if not future.done()]
+        return min(live, default=None)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, waking each sleeper at its deadline, in order."""
+        target = self.now + seconds
+        await settle()
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, future = heapq.heappop(self._sleepers)
+            if future.done():
+                continue
+            self.now = max(self.now, deadline)
+            future.set_result(None)
+            await settle()
+        self.now = max(self.now, target)
+        await settle()

@@ -1,0 +1,188 @@
+"""Helpers for end-to-end tests: a worker in-process or as a subprocess, the emulator's HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from ingestor import settings as settings_mod
+from ingestor.worker import Worker
+
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+API_KEY = "sk_test_ingestor_integration_0000000000000000"
+
+
+def worker_env(bootstrap: str, topic: str, emu_url: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "INGESTOR_TOPICS": topic,
+        "INGESTOR_GROUP_ID": f"g-{uuid.uuid4().hex[:10]}",
+        "INGESTOR_DLQ_TOPIC": f"{topic}.dlq",
+        "STRIPE_API_KEY": API_KEY,
+        "INGESTOR_STRIPE_API_BASE": emu_url,
+        "INGESTOR_STRIPE_METER_EVENTS_BASE": emu_url,
+        "INGESTOR_RPS_BUDGET": "100000",
+        "INGESTOR_METRICS_PORT": "0",
+        "INGESTOR_METRICS_HOST": "127.0.0.1",
+        "INGESTOR_LINGER_MS": "20",
+        "INGESTOR_COMMIT_INTERVAL_MS": "200",
+        "INGESTOR_METER_CATALOG": "stripe",
+        "INGESTOR_RETRY_BASE_S": "0.05",
+        "INGESTOR_RETRY_MAX_S": "1",
+        "INGESTOR_DRAIN_TIMEOUT_S": "20",
+    }
+    env.update(overrides)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_worker(env: dict[str, str]) -> AsyncIterator[Worker]:
+    """A worker in this process and loop; stopped (drained) on exit."""
+    worker = Worker(settings_mod.load(env))
+    async with worker:
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, 60)
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str, step: float = 0.2) -> None:
+    """Poll `check` until true; fail after `timeout` seconds (bounded loop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
+    """Every record currently in `topic` (reads up to the end offsets taken at the start)."""
+    ends = await end_offsets(bootstrap, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in ends]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            positions = {tp.partition: await consumer.position(tp) for tp in tps}
+            if all(positions[p] >= ends[p] for p in ends):
+                break
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out.extend(r for r in records if r.offset < ends[r.partition])
+    finally:
+        await consumer.stop()
+    return out
+
+
+class StripeApi:
+    """The emulator through its HTTP API (the same calls a user would make to Stripe)."""
+
+    def __init__(self, base: str, key: str = API_KEY) -> None:
+        self.base = base
+        self.key = key
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, self.base + path, headers=self._headers(), **kwargs) as resp,
+        ):
+            body = await resp.read()
+            if resp.status >= 400:
+                raise AssertionError(f"{method} {path}: {resp.status} {body[:300]!r}")
+            return orjson.loads(body) if body else None
+
+    async def create_meter(self, event_name: str, formula: str = "sum", **extra: str) -> str:
+        form = {
+            "display_name": event_name,
+            "event_name": event_name,
+            "default_aggregation[formula]": formula,
+            **extra,
+        }
+        meter = await self._call("POST", "/v1/billing/meters", data=form)
+        return str(meter["id"])
+
+    async def deactivate_meter(self, meter_id: str) -> None:
+        await self._call("POST", f"/v1/billing/meters/{meter_id}/deactivate")
+
+    async def total(self, meter_id: str, customer: str, start: int, end: int) -> int:
+        params = {"customer": customer, "start_time": str(start), "end_time": str(end)}
+        page = await self._call("GET", f"/v1/billing/meters/{meter_id}/event_summaries", params=params)
+        return int(sum(s["aggregated_value"] for s in page["data"]))
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/_emulator/stats")
+        return result
+
+    async def set_faults(self, **faults: Any) -> None:
+        await self._call("POST", "/_emulator/faults", json=faults)
+
+    async def revoke_sessions(self) -> None:
+        await self._call("POST", "/_emulator/sessions/revoke", json={"all": True})
+
+
+def minute_window(now: float | None = None) -> tuple[int, int]:
+    """A summary window (aligned to minutes) that covers the last 2 days and the next hour."""
+    now = time.time() if now is None else now
+    end = (int(now) // 60 + 61) * 60
+    return end - 2 * 86400 - 3600, end
+
+
+def start_worker_process(env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
+    """`ingestor run` as a child process with `env` on top of ours."""
+    full = {**os.environ, **env, "INGESTOR_LOG_FORMAT": "json"}
+    log = open(log_path, "ab")  # noqa: SIM115, PTH123 - closed with the process by the caller's test end
+    return subprocess.Popen(
+        [sys.executable, "-m", "ingestor", "run"],
+        env=full,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> int:
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
