@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ingestor.worker import Worker
 
-API_KEY = "sk_test_demo_not_a_real_key_000000000000"
+API_KEY = "sk_test_demoNotARealKey00000000000000"
 METERS = {"api_requests": "sum", "compute_seconds": "sum", "seats": "last"}
 BAD_VALUES: tuple[bytes | None, ...] = (
     b"not json at all",

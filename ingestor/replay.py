@@ -6,6 +6,8 @@ while the worker keeps dead-lettering. Each record whose `ingestor.reason` is se
 the target topic with its original key, value and headers byte for byte, plus its `ingestor.identifier`
 header: the worker takes that header as the identifier of an event that has none, so the replayed
 event keeps the identifier it was dead-lettered with and Stripe's 24-hour de-duplication still applies.
+The original record's Kafka timestamp (header `ingestor.source.timestamp`) is restored too: the worker
+bills an event without a `timestamp` field at its record's timestamp, not at the time of the replay.
 
 Records with reason `stripe_async_error` hold Stripe's error report about an event, not the event, so
 they are skipped unless asked for by name.
@@ -146,6 +148,12 @@ class DlqRecord:
     def reason(self) -> str:
         return self.header(dlq_format.REASON) or NO_REASON
 
+    @property
+    def source_timestamp_ms(self) -> int | None:
+        """The original record's Kafka timestamp, from `ingestor.source.timestamp`."""
+        text = self.header(dlq_format.SOURCE_TIMESTAMP)
+        return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
 
 def selects(reasons: frozenset[str] | None, reason: str) -> bool:
     """Whether a record with `reason` is replayed; `reasons` None: every reason that holds an event."""
@@ -265,7 +273,11 @@ class _Publisher:
 
     async def publish(self, record: DlqRecord) -> None:
         future = await self._producer.send(
-            self._topic, value=record.value, key=record.key, headers=replay_headers(record.headers)
+            self._topic,
+            value=record.value,
+            key=record.key,
+            headers=replay_headers(record.headers),
+            timestamp_ms=record.source_timestamp_ms,
         )
         self._pending.append(future)
         if len(self._pending) >= SEND_WINDOW:

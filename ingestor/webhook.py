@@ -45,6 +45,8 @@ ERROR_REPORT_TYPES: Final = frozenset({ERROR_REPORT_TRIGGERED, NO_METER_FOUND})
 REASON: Final = "stripe_async_error"
 #: The `type` metric label when the event could not be read (bad signature, garbage body).
 UNKNOWN_TYPE: Final = "unknown"
+#: Longest `ingestor.message` header written (as the dead-letter writer does).
+MAX_MESSAGE_CHARS: Final = 1000
 
 
 class WebhookError(Exception):
@@ -253,7 +255,7 @@ def _record(identifier: str, code: str, message: str, context: dict[str, Any], v
     headers = [
         (dlq_format.REASON, REASON.encode()),
         (dlq_format.STRIPE_CODE, code.encode()),
-        (dlq_format.MESSAGE, message.encode()),
+        (dlq_format.MESSAGE, message[:MAX_MESSAGE_CHARS].encode()),
         (dlq_format.IDENTIFIER, identifier.encode()),
         (dlq_format.VERSION, version.encode()),
     ]

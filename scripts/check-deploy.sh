@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks of the deployment artefacts, run by `make test` before pytest:
 #   1. Prometheus rules   promtool check rules on deploy/prometheus/alerts.yaml, the chart's copy (must be
-#                         identical) and the groups as rendered into the chart's PrometheusRule
+#                         identical) and the groups as rendered into the chart's PrometheusRule (in 3.);
+#                         promtool test rules deploy/prometheus/alerts_test.yaml
 #   2. Helm chart         helm lint --strict and helm template: defaults, every opt-in feature, the
 #                         production example; values the schema or the templates must refuse
 #   3. Manifests          kubernetes-validate --strict on everything but CRDs; chart invariants
@@ -88,9 +89,13 @@ ensure_helm() {
   command -v go >/dev/null 2>&1 || die "helm $HELM_VERSION is missing and go is not installed to build it"
   echo "building helm $HELM_VERSION with go install into $TOOLS_BIN (a minute or two, once)"
   mkdir -p "$TOOLS_BIN"
+  local log="$TOOLS/helm-build.log"
   GOBIN="$TOOLS_BIN" GOFLAGS=-trimpath go install \
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >"$log" 2>&1 || {
+    cat "$log" >&2
+    die "building helm $HELM_VERSION failed (log above, kept in $log)"
+  }
 }
 
 ensure_tools_venv() {
@@ -131,6 +136,7 @@ section "1. Prometheus rules"
 cmp -s "$ALERTS" "$CHART_ALERTS" ||
   die "$CHART_ALERTS differs from $ALERTS: copy it (cp $ALERTS $CHART_ALERTS)"
 echo "$CHART_ALERTS is identical to $ALERTS"
+"$PROMTOOL" test rules deploy/prometheus/alerts_test.yaml
 
 # ---- 2. Helm chart ----------------------------------------------------------------------------------
 

@@ -21,11 +21,18 @@ Headers = list[tuple[str, bytes]]
 Record = tuple[bytes | None, bytes | None, Headers]
 
 
+SOURCE_TIMESTAMP_MS = 1_700_000_000_123
+
+
 def dlq_headers(reason: str | None, identifier: str | None = None, message: str = "it failed") -> Headers:
     headers: Headers = []
     if reason is not None:
         headers.append((dlq_format.REASON, reason.encode()))
-    headers += [(dlq_format.MESSAGE, message.encode()), (dlq_format.SOURCE_TOPIC, b"events")]
+    headers += [
+        (dlq_format.MESSAGE, message.encode()),
+        (dlq_format.SOURCE_TOPIC, b"events"),
+        (dlq_format.SOURCE_TIMESTAMP, str(SOURCE_TIMESTAMP_MS).encode()),
+    ]
     if identifier is not None:
         headers.append((dlq_format.IDENTIFIER, identifier.encode()))
     return headers
@@ -53,6 +60,16 @@ def test_replay_headers_keep_the_originals_and_the_identifier() -> None:
     headers = (("a", b"1"), (dlq_format.REASON, b"x"), ("a", b"2"), (dlq_format.IDENTIFIER, b"id-9"), ("b", b""))
     assert replay.replay_headers(headers) == [("a", b"1"), ("a", b"2"), ("b", b""), (dlq_format.IDENTIFIER, b"id-9")]
     assert replay.replay_headers((("a", b"1"), (dlq_format.REASON, b"x"))) == [("a", b"1")]
+
+
+def test_source_timestamp_is_read_from_its_header() -> None:
+    def record(*headers: tuple[str, bytes]) -> replay.DlqRecord:
+        return replay.DlqRecord("dlq", 0, 0, None, None, headers)
+
+    assert record((dlq_format.SOURCE_TIMESTAMP, b"1700000000123")).source_timestamp_ms == 1_700_000_000_123
+    assert record().source_timestamp_ms is None
+    assert record((dlq_format.SOURCE_TIMESTAMP, b"-1")).source_timestamp_ms is None
+    assert record((dlq_format.SOURCE_TIMESTAMP, b"\xff")).source_timestamp_ms is None
 
 
 def test_load_kafka_reads_only_kafka_variables(tmp_path: Path) -> None:
@@ -116,6 +133,10 @@ async def produce_records(bootstrap: str, topic: str, records: Sequence[Record],
 
 
 async def read_all(bootstrap: str, topic: str, partitions: int = 1) -> list[Record]:
+    return [(m.key, m.value, list(m.headers)) for m in await read_messages(bootstrap, topic, partitions)]
+
+
+async def read_messages(bootstrap: str, topic: str, partitions: int = 1) -> list[Any]:
     """Every record of `topic`, by partition then offset."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -132,7 +153,7 @@ async def read_all(bootstrap: str, topic: str, partitions: int = 1) -> list[Reco
     finally:
         await consumer.stop()
     found.sort(key=lambda m: (m.partition, m.offset))
-    return [(m.key, m.value, list(m.headers)) for m in found]
+    return found
 
 
 async def run_replay(bootstrap: str, *argv: str) -> int:
@@ -218,7 +239,9 @@ async def test_original_bytes_headers_and_identifier_are_kept(kafka_bootstrap: s
     ]
     await produce_records(kafka_bootstrap, dlq, records)
     assert await run_replay(kafka_bootstrap, "--from-topic", dlq, "--to-topic", events) == 0
-    assert await read_all(kafka_bootstrap, events) == [
+    replayed = await read_messages(kafka_bootstrap, events)
+    assert [m.timestamp for m in replayed] == [SOURCE_TIMESTAMP_MS] * 3
+    assert [(m.key, m.value, list(m.headers)) for m in replayed] == [
         (binary, binary[::-1], [*originals, (dlq_format.IDENTIFIER, b"id-bin")]),
         (None, b"{}", []),
         (b"tomb", None, [("x", b"y"), (dlq_format.IDENTIFIER, b"id-tomb")]),

@@ -449,3 +449,67 @@ async def test_kafka_failure_is_503_and_redelivery_loses_nothing() -> None:
 def test_empty_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="secret"):
         webhook_app(secret="", tolerance=TOLERANCE, sender=RecordingSender(), topic=TOPIC, metrics=Metrics())
+
+
+# --- with the project's Stripe emulator as the sender -------------------------------------------------
+
+API_KEY = "sk_test_webhookTests000000000000"
+
+
+async def _stripe(http: Any, base: str, method: str, path: str, token: str = API_KEY, **kwargs: Any) -> Any:
+    async with http.request(method, base + path, headers={"Authorization": f"Bearer {token}"}, **kwargs) as resp:
+        assert resp.status < 300, await resp.text()
+        return await resp.json() if resp.content_length != 0 else None
+
+
+async def test_emulator_webhooks_arrive_at_the_sender() -> None:
+    import aiohttp  # noqa: PLC0415 - only this test is an HTTP client
+
+    from ingestor.emulator import Emulator, EmulatorConfig  # noqa: PLC0415 - the emulator is a test peer
+
+    sender, metrics = RecordingSender(), Metrics()
+    app = webhook_app(secret=SECRET, tolerance=TOLERANCE, sender=sender, topic=TOPIC, metrics=metrics)
+    async with TestServer(app, host="127.0.0.1") as server:
+        config = EmulatorConfig(webhook_url=str(server.make_url(PATH)), webhook_secret=SECRET, customers={"cus_ok"})
+        async with Emulator(config) as emulator, aiohttp.ClientSession() as http:
+            form = {"display_name": "calls", "event_name": "calls", "default_aggregation[formula]": "sum"}
+            meter = await _stripe(http, emulator.url, "POST", "/v1/billing/meters", data=form)
+            session = await _stripe(http, emulator.url, "POST", "/v2/billing/meter_event_session")
+            events = [
+                {
+                    "event_name": "calls",
+                    "identifier": "ok-1",
+                    "payload": {"stripe_customer_id": "cus_ok", "value": "1"},
+                },
+                {
+                    "event_name": "calls",
+                    "identifier": "bad-1",
+                    "payload": {"stripe_customer_id": "cus_x", "value": "1"},
+                },
+                {
+                    "event_name": "calls",
+                    "identifier": "bad-2",
+                    "payload": {"stripe_customer_id": "cus_y", "value": "2"},
+                },
+                {
+                    "event_name": "nope",
+                    "identifier": "bad-3",
+                    "payload": {"stripe_customer_id": "cus_ok", "value": "1"},
+                },
+            ]
+            token = session["authentication_token"]
+            path = "/v2/billing/meter_event_stream"
+            await _stripe(http, emulator.url, "POST", path, token=token, json={"events": events})
+            await emulator.wait_webhooks()
+            stats = await emulator.stats()
+    assert stats["webhooks_sent"] == 2, stats
+    by_key = {s["key"]: orjson.loads(s["value"]) for s in sender.sent}
+    assert set(by_key) == {b"bad-1", b"bad-2", b"bad-3"}
+    assert by_key[b"bad-1"]["code"] == "meter_event_customer_not_found"
+    assert by_key[b"bad-1"]["event_type"] == ERROR_REPORT_TRIGGERED
+    assert by_key[b"bad-1"]["meter"] == meter["id"]
+    assert by_key[b"bad-3"]["event_type"] == NO_METER_FOUND
+    assert by_key[b"bad-3"]["meter"] is None
+    assert by_key[b"bad-3"]["code"] == "no_meter"
+    assert webhook_count(metrics, ERROR_REPORT_TRIGGERED, "written") == 1
+    assert webhook_count(metrics, NO_METER_FOUND, "written") == 1

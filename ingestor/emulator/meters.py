@@ -1,17 +1,22 @@
 """Meters and the accepted events stored under each, in compact columns.
 
-Events are stored per meter in arrival order as four parallel columns (timestamps as `array("d")`,
-values as `array("q")`, interned customer ids, identifiers): about 30 bytes per event beyond the
-identifier string itself, so millions of events fit in memory.
+Events are stored per meter in arrival order as four parallel columns: timestamps as `array("d")`,
+values as `array("q")`, interned customer ids and identifiers as one tuple per stored batch. About
+32 bytes per event beyond the identifier string itself, so millions of events fit in memory; and
+the garbage collector never walks them (arrays are not tracked, and tuples of strings are untracked
+by the collector the first time it sees them), so full collections stay cheap however much is stored.
 """
 
 from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ingestor.emulator.aggregation import Formula, Window
 
 Status = Literal["active", "inactive"]
@@ -21,27 +26,34 @@ Status = Literal["active", "inactive"]
 class EventColumns:
     timestamps: array[float] = field(default_factory=lambda: array("d"))
     values: array[int] = field(default_factory=lambda: array("q"))
-    customers: list[str] = field(default_factory=list)
-    identifiers: list[str] = field(default_factory=list)
+    customers: list[tuple[str, ...]] = field(default_factory=list)
+    identifiers: list[tuple[str, ...]] = field(default_factory=list)
+    count: int = 0
 
-    def extend(self, timestamps: list[float], values: list[int], customers: list[str], ids: list[str]) -> None:
+    def extend(
+        self, timestamps: Sequence[float], values: Sequence[int], customers: tuple[str, ...], ids: tuple[str, ...]
+    ) -> None:
         self.timestamps.extend(timestamps)
         self.values.extend(values)
-        self.customers.extend(customers)
-        self.identifiers.extend(ids)
+        self.customers.append(customers)
+        self.identifiers.append(ids)
+        self.count += len(ids)
 
     def for_customer(self, customer: str, cancelled: set[str]) -> list[tuple[float, int]]:
         """(timestamp, value) of one customer's events, arrival order, cancelled ones left out."""
+        owners = chain.from_iterable(self.customers)
+        ids = chain.from_iterable(self.identifiers)
         return [
             (timestamp, value)
-            for timestamp, value, owner, identifier in zip(
-                self.timestamps, self.values, self.customers, self.identifiers, strict=True
-            )
+            for timestamp, value, owner, identifier in zip(self.timestamps, self.values, owners, ids, strict=True)
             if owner == customer and identifier not in cancelled
         ]
 
+    def holds(self, identifier: str) -> bool:
+        return any(identifier in chunk for chunk in self.identifiers)
+
     def __len__(self) -> int:
-        return len(self.identifiers)
+        return self.count
 
 
 @dataclass(slots=True)

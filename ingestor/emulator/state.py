@@ -151,7 +151,7 @@ class EmulatorState:
         columns = fast_columns(meter, batch.payloads, batch.timestamps, batch.arrival, self.customers)
         if columns is not None:
             owners, values = columns
-            meter.events.extend(batch.timestamps, values, owners, batch.identifiers)
+            meter.events.extend(batch.timestamps, values, owners, tuple(batch.identifiers))
             self.stats.events_valid += len(values)
             return
         for payload, identifier, timestamp in zip(batch.payloads, batch.identifiers, batch.timestamps, strict=True):
@@ -169,7 +169,7 @@ class EmulatorState:
 
     def _store(self, meter: Meter, payload: dict[str, str], identifier: str, timestamp: float) -> None:
         customer = sys.intern(payload[meter.customer_key])
-        meter.events.extend([timestamp], [event_value(meter, payload)], [customer], [identifier])
+        meter.events.extend((timestamp,), (event_value(meter, payload),), (customer,), (identifier,))
         self.stats.events_valid += 1
 
     def _fail(self, mode: ModeState, failure: Failure, failures: list[Failure]) -> None:
@@ -233,7 +233,7 @@ class EmulatorState:
             and identifier not in mode.cancelled
             and identifier not in mode.failures
             and any(
-                meter.event_name == name and identifier in meter.events.identifiers
+                meter.event_name == name and meter.events.holds(identifier)
                 for meter in mode.meters.by_id.values()
             )
         )

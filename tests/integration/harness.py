@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import signal
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-API_KEY = "sk_test_ingestor_integration_0000000000000000"
+API_KEY = "sk_test_ingestorIntegration0000000000"
 
 
 def worker_env(bootstrap: str, topic: str, emu_url: str, **overrides: str) -> dict[str, str]:
@@ -168,14 +168,14 @@ def minute_window(now: float | None = None) -> tuple[int, int]:
 def start_worker_process(env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
     """`ingestor run` as a child process with `env` on top of ours."""
     full = {**os.environ, **env, "INGESTOR_LOG_FORMAT": "json"}
-    log = open(log_path, "ab")  # noqa: SIM115, PTH123 - closed with the process by the caller's test end
-    return subprocess.Popen(
-        [sys.executable, "-m", "ingestor", "run"],
-        env=full,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    with open(log_path, "ab") as log:  # noqa: PTH123 - the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "ingestor", "run"],
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> int:
