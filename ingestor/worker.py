@@ -37,6 +37,7 @@ from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import OffsetTracker
 from ingestor.session import SessionManager, create_session
 from ingestor.stream_client import AiohttpTransport, StreamClient
+from ingestor.webhook import webhook_app
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -80,6 +81,7 @@ class Worker:
         self.health = HealthState(stuck_after=settings.stuck_after_s, clock=clock.monotonic, lag=self.total_lag)
         self.queue: asyncio.Queue[Batch] = asyncio.Queue()
         self.metrics_port = 0
+        self.webhook_port = 0
         self._stop = asyncio.Event()
         self._paused = False
         self._first_offsets: dict[TopicPartition, int] = {}
@@ -136,6 +138,8 @@ class Worker:
         await self.producer.start()
         self._exit.push_async_callback(self.producer.stop)
         self.dead_letters = DeadLetterWriter(self.producer, s.dlq_topic, self.tracker, self.metrics)
+        if s.webhook_port:
+            await self._start_webhook()
         self.delivery = Delivery(
             client=StreamClient(
                 AiohttpTransport(self._http, s.request_timeout_s), s.stripe_meter_events_base, s.stripe_version
@@ -163,6 +167,19 @@ class Worker:
         await self.consumer.start()
         self._exit.push_async_callback(self.consumer.stop)
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
+
+    async def _start_webhook(self) -> None:
+        """Stripe's error reports (webhooks) back to Kafka, on their own port: it faces Stripe, /metrics does not."""
+        s = self.settings
+        app = webhook_app(
+            secret=s.webhook_secret,
+            tolerance=s.webhook_tolerance_s,
+            sender=self.producer,
+            topic=s.effective_error_report_topic,
+            metrics=self.metrics,
+        )
+        runner, self.webhook_port = await start_site(app, s.metrics_host, s.webhook_port)
+        self._exit.push_async_callback(runner.cleanup)
 
     async def _load_catalog(self) -> None:
         s = self.settings
