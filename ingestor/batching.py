@@ -38,7 +38,7 @@ class Batch:
         return len(self.events)
 
     def oldest_timestamp_ms(self) -> int:
-        return min(r.timestamp for r in self.records) if self.records else 0
+        return min([r.timestamp for r in self.records]) if self.records else 0
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, for bisecting a rejected request; each knows which chunks its records belong to."""

@@ -51,6 +51,16 @@ class Letter:
     first_failure: float = 0.0
     last_failure: float = 0.0
 
+    def kafka_message(self) -> dict[str, Any]:
+        """Key, value and headers of the dead-letter record. Kafka clients refuse a record with neither
+        key nor value, so a keyless tombstone is written with an empty value and `ingestor.null_value`."""
+        record, headers = self.record, self.headers()
+        value = record.value
+        if value is None and record.key is None:
+            value = b""
+            headers.append((dlq_format.NULL_VALUE, b"true"))
+        return {"key": record.key, "value": value, "headers": headers}
+
     def headers(self) -> list[tuple[str, bytes]]:
         record = self.record
         first = self.first_failure or time.time()
@@ -70,8 +80,17 @@ class Letter:
             own[dlq_format.IDENTIFIER] = self.identifier
         if self.stripe_code:
             own[dlq_format.STRIPE_CODE] = self.stripe_code
-        original = dlq_format.strip_own_headers(list(record.headers or ()))
-        return original + [(k, v.encode()) for k, v in own.items()]
+        headers = list(record.headers or ())
+        original = dlq_format.strip_own_headers(headers)
+        out = original + [(k, v.encode()) for k, v in own.items()]
+        if not self.identifier:
+            # A replayed record's identifier travels in its `ingestor.identifier` header; rejected before
+            # any identifier was settled, it must keep that header (byte for byte), or the next replay
+            # would derive a new identifier and Stripe could count the event twice.
+            carried = next((v for k, v in headers if k == dlq_format.IDENTIFIER), None)
+            if carried is not None:
+                out.append((dlq_format.IDENTIFIER, carried))
+        return out
 
 
 def _rfc3339(seconds: float) -> str:
@@ -125,26 +144,26 @@ class DeadLetterWriter:
         pending: list[tuple[Letter, asyncio.Future[Any] | None, Exception | None]] = []
         for letter in letters:
             try:
-                fut = await self._producer.send(
-                    self._topic, value=letter.record.value, key=letter.record.key, headers=letter.headers()
-                )
+                fut = await self._producer.send(self._topic, **letter.kafka_message())
                 pending.append((letter, fut, None))
             except Exception as exc:  # noqa: BLE001 - any producer error keeps the letter pending
                 pending.append((letter, None, exc))
         failed: list[Letter] = []
-        error: BaseException | None = None
+        first_error: BaseException | None = None
         for letter, ack, send_error in pending:
             error = send_error if ack is None else await _ack_error(ack)
             if error is None:
                 self._done(letter)
             else:
                 failed.append(letter)
+                first_error = first_error or error
         if failed:
             self.failing = True
             self._metrics.dlq_write_failures.inc(len(failed))
             log.warning(
-                "dead-letter write failed; will retry",
-                extra={"topic": self._topic, "records": len(failed), "error": type(error).__name__},
+                "dead-letter write failed; will retry: %r",
+                first_error,
+                extra={"topic": self._topic, "records": len(failed)},
             )
         else:
             self.failing = False

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -75,6 +75,9 @@ class Delivery:
         self._retry_max = retry_max
         self._retry_deadline = retry_deadline
         self.last_delivery = clock.monotonic()
+        # Labelled children, looked up once (a `labels()` call per request costs a lock and a hash).
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._delivered_counters: dict[str, Any] = {}
 
     async def deliver(self, batch: Batch) -> None:
         """Return once every event of `batch` is accepted or handed to the dead-letter writer."""
@@ -108,7 +111,11 @@ class Delivery:
         finally:
             metrics.requests_in_flight.dec()
         metrics.request_duration.observe(self._clock.monotonic() - started)
-        metrics.requests.labels(answer.outcome.value, str(answer.status)).inc()
+        key = (answer.outcome.value, answer.status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = metrics.requests.labels(key[0], str(key[1]))
+        counter.inc()
         if answer.outcome is Outcome.REAUTH:
             await self._sessions.invalidate(token)
         elif answer.status == 429:
@@ -128,11 +135,17 @@ class Delivery:
         self._metrics.end_to_end_latency.observe(max(0.0, now_wall - batch.oldest_timestamp_ms() / 1000))
         topics = {chunk.tp.topic for chunk, _ in batch.parts}
         if len(topics) == 1:
-            self._metrics.events_delivered.labels(topics.pop()).inc(len(batch))
+            self._delivered_counter(topics.pop()).inc(len(batch))
         else:
             for chunk, count in batch.parts:
-                self._metrics.events_delivered.labels(chunk.tp.topic).inc(count)
+                self._delivered_counter(chunk.tp.topic).inc(count)
         self.last_delivery = self._clock.monotonic()
+
+    def _delivered_counter(self, topic: str) -> Any:
+        counter = self._delivered_counters.get(topic)
+        if counter is None:
+            counter = self._delivered_counters[topic] = self._metrics.events_delivered.labels(topic)
+        return counter
 
     async def _retry_or_give_up(self, batch: Batch, answer: Answer) -> bool:
         """Back off before the next attempt; True when the batch was dead-lettered instead."""

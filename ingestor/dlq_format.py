@@ -22,6 +22,7 @@ ATTEMPTS: Final = "ingestor.attempts"
 FIRST_FAILURE_AT: Final = "ingestor.first_failure_at"
 LAST_FAILURE_AT: Final = "ingestor.last_failure_at"
 VERSION: Final = "ingestor.version"
+NULL_VALUE: Final = "ingestor.null_value"
 
 #: header -> meaning, for the README.
 HEADERS: Final[dict[str, str]] = {
@@ -37,6 +38,7 @@ HEADERS: Final[dict[str, str]] = {
     FIRST_FAILURE_AT: "First failure, RFC 3339 UTC.",
     LAST_FAILURE_AT: "Last failure, RFC 3339 UTC.",
     VERSION: "Version of ingestor that wrote the record.",
+    NULL_VALUE: "true when the original value was null and the record had no key (written with an empty value).",
 }
 
 

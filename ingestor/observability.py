@@ -75,9 +75,18 @@ class HealthState:
     def progress_age(self) -> float:
         return self.clock() - self.last_progress
 
+    lag_since: float | None = None
+
     def stuck_for(self) -> float:
-        """Seconds without progress while lag exists (0 when there is no lag)."""
-        return self.progress_age() if self.lag() > 0 else 0.0
+        """Seconds without progress while lag existed (0 when there is no lag): counted from the later of
+        the last progress and the moment lag appeared, so an idle worker is not stuck when traffic resumes."""
+        if self.lag() <= 0:
+            self.lag_since = None
+            return 0.0
+        now = self.clock()
+        if self.lag_since is None:
+            self.lag_since = now
+        return now - max(self.last_progress, self.lag_since)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.running:

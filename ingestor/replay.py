@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 DEFAULT_DLQ_TOPIC: Final = "ingestor.dlq"
 DLQ_TOPIC_ENV: Final = "INGESTOR_DLQ_TOPIC"
 REPORT_REASON: Final = "stripe_async_error"
+#: A null value is never billable: replayed, it would only be dead-lettered again.
+TOMBSTONE_REASON: Final = "tombstone"
 #: Records shown by --dry-run.
 SHOW_FIRST: Final = 10
 #: Sends in flight before waiting for their acknowledgements.
@@ -158,7 +160,7 @@ class DlqRecord:
 def selects(reasons: frozenset[str] | None, reason: str) -> bool:
     """Whether a record with `reason` is replayed; `reasons` None: every reason that holds an event."""
     if reasons is None:
-        return reason not in {REPORT_REASON, NO_REASON}
+        return reason not in {REPORT_REASON, NO_REASON, TOMBSTONE_REASON}
     return reason in reasons
 
 
@@ -272,9 +274,10 @@ class _Publisher:
         self.acked = 0
 
     async def publish(self, record: DlqRecord) -> None:
+        null = any(k == dlq_format.NULL_VALUE for k, _ in record.headers)
         future = await self._producer.send(
             self._topic,
-            value=record.value,
+            value=None if null and record.key is not None else record.value,
             key=record.key,
             headers=replay_headers(record.headers),
             timestamp_ms=record.source_timestamp_ms,

@@ -340,6 +340,7 @@ class Worker:
             health.last_progress = self.delivery.last_delivery
         expiry = self.sessions.seconds_until_expiry(self.clock.monotonic()) if self.sessions else None
         health.stripe_ok = expiry is not None and expiry > 0
+        health.stuck_for()  # notices lag appearing even when nobody probes
 
     async def _drain(self, limit: float) -> None:
         """Send what is buffered and wait for everything in flight, up to `limit` seconds."""

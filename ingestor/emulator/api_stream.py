@@ -6,11 +6,14 @@ from typing import TYPE_CHECKING
 
 from ingestor.emulator.auth import check_key, credential
 from ingestor.emulator.bodies import JSON, read_body, require_type
-from ingestor.emulator.errors import rate_limited, session_expired, unauthorized
+from ingestor.emulator.errors import invalid, rate_limited, session_expired, unauthorized
+from ingestor.emulator.faults import first_rejected
 from ingestor.emulator.responses import json_response, ok_empty
 from ingestor.emulator.stream_body import parse_stream_body
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from aiohttp import web
 
     from ingestor.emulator.context import Call, Context
@@ -42,6 +45,19 @@ async def stream(ctx: Context, call: Call) -> web.StreamResponse:
     body = await read_body(request, ctx.config.max_body_bytes)
     require_type(request, JSON, body)
     batch = parse_stream_body(body, now)
+    _reject_by_fault(ctx, batch.identifiers)
     batch.livemode = livemode
     ctx.state.accept_stream(batch)
     return ok_empty()
+
+
+def _reject_by_fault(ctx: Context, identifiers: Sequence[str]) -> None:
+    """The `reject_identifiers` fault: a 400 for the whole request when an identifier matches."""
+    faults = ctx.planner.faults
+    index = first_rejected(faults, identifiers)
+    if index is None:
+        return
+    ctx.state.stats.faults_injected += 1
+    where = f"events[{index}].identifier" if faults.reject_names_index else "identifier"
+    subject = f"{where} {identifiers[index]!r}" if faults.reject_names_index else "An event's identifier"
+    raise invalid(f"{subject} is refused by the emulator's reject_identifiers fault.", param=where)

@@ -35,12 +35,17 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 def require_type(request: web.BaseRequest, expected: str, body: bytes) -> None:
-    if body and request.content_type != expected:
-        raise ApiError(
-            415 if expected == JSON else 400,
-            "invalid_content_type",
-            f"Content-Type must be {expected}, got {request.content_type or 'nothing'}.",
-        )
+    """A body must come with the expected Content-Type (parameters such as charset are ignored)."""
+    if not body:
+        return
+    given = request.headers.get("Content-Type", "")
+    if given == expected or given.partition(";")[0].strip().lower() == expected:
+        return
+    raise ApiError(
+        415 if expected == JSON else 400,
+        "invalid_content_type",
+        f"Content-Type must be {expected}, got {given or 'nothing'}.",
+    )
 
 
 async def json_body(request: web.BaseRequest, limit: int) -> dict[str, Any]:

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 Scope = Literal["stream", "all"]
 
@@ -57,6 +61,13 @@ class Faults:
     scope: Scope = "stream"
     #: Stop injecting (outcomes, not latency) after this many faulted requests; None = never.
     max_faults: int | None = None
+    #: Refuse a whole stream request with 400 `parameter_invalid` when an event's identifier matches this
+    #: regular expression (`re.search`); "" = off. Deterministic, not drawn, not counted by `max_faults`:
+    #: a stand-in for a rule Stripe checks synchronously and the worker cannot check locally.
+    reject_identifiers: str = ""
+    #: Whether that 400 names the first offending event (`events[17].identifier`) in its message, as the
+    #: emulator's own validation does; False gives a message without an index (the client must bisect).
+    reject_names_index: bool = True
 
     def __post_init__(self) -> None:
         for name in _BANDS:
@@ -72,6 +83,11 @@ class Faults:
         for name in ("slow_response_s", "latency_s", "latency_jitter_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"faults.{name} must not be negative")
+        if self.reject_identifiers:
+            try:
+                re.compile(self.reject_identifiers)
+            except re.error as exc:
+                raise ValueError(f"faults.reject_identifiers is not a regular expression: {exc}") from None
 
     @property
     def active(self) -> bool:
@@ -122,22 +138,21 @@ class FaultPlanner:
 
     def __init__(self, faults: Faults, seed: int) -> None:
         self._seed = seed
-        self.faults = faults
-        self._rng = random.Random(seed)  # noqa: S311 - reproducible faults, not cryptography
-        self._injected = 0
+        self.set(faults)
 
     def set(self, faults: Faults) -> None:
         self.faults = faults
-        self._rng = random.Random(self._seed)  # noqa: S311
+        self.active = faults.active
+        self._rng = random.Random(self._seed)  # noqa: S311 - reproducible faults, not cryptography
         self._injected = 0
 
     def applies(self, is_stream: bool) -> bool:
         return is_stream or self.faults.scope == "all"
 
     def decide(self, is_stream: bool) -> Decision:
-        faults = self.faults
-        if not self.applies(is_stream) or not faults.active:
+        if not self.active or not self.applies(is_stream):
             return NO_DECISION
+        faults = self.faults
         latency = faults.latency_s
         if faults.latency_jitter_s > 0:
             latency += self._rng.uniform(0.0, faults.latency_jitter_s)
@@ -155,3 +170,11 @@ class FaultPlanner:
                 self._injected += 1
                 return outcome
         return Outcome.NONE
+
+
+def first_rejected(faults: Faults, identifiers: Sequence[str]) -> int | None:
+    """The index of the first identifier `faults.reject_identifiers` matches, or None (also when it is off)."""
+    if not faults.reject_identifiers:
+        return None
+    search = re.compile(faults.reject_identifiers).search
+    return next((index for index, identifier in enumerate(identifiers) if search(identifier)), None)

@@ -18,8 +18,12 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
 
 
+_JSON_HEADERS = {"Content-Type": JSON}
+
+
 def ok_empty() -> web.Response:
-    return web.Response(body=EMPTY_OBJECT, content_type=JSON)
+    """`200 {}` (headers passed as a mapping: cheaper than aiohttp's `content_type=` setter)."""
+    return web.Response(body=EMPTY_OBJECT, headers=_JSON_HEADERS)
 
 
 def error_response(error: ApiError) -> web.Response:

@@ -179,7 +179,8 @@ class Emulator:
     # -- dispatch -------------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        route, params = self._router.match(request.method, request.path)
+        # raw_path avoids decoding a URL object per request; no route needs percent-decoding
+        route, params = self._router.match(request.method, request.raw_path.partition("?")[0])
         if route is None:
             self.state.stats.count_request(UNMATCHED, 404)
             return error_response(_unrecognized(request))

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
@@ -21,10 +21,12 @@ from ingestor.emulator.errors import ApiError, invalid
 from ingestor.emulator.limits import MAX_EVENTS_PER_REQUEST, MAX_NAME_LENGTH
 from ingestor.emulator.timefmt import TimestampError, cached_lookup, parse_rfc3339
 
+if TYPE_CHECKING:
+    from array import array
+
 _NAME = itemgetter("event_name")
 _PAYLOAD = itemgetter("payload")
 _IDENTIFIER = itemgetter("identifier")
-
 
 
 @dataclass(slots=True)
@@ -33,10 +35,15 @@ class EventBatch:
 
     names: list[str]
     payloads: list[dict[str, str]]
-    identifiers: list[str]
+    identifiers: tuple[str, ...]
     timestamps: list[float]
     arrival: float
     livemode: bool = False
+    #: set at intake when the batch has one event name with an active meter and its customers and
+    #: values decode cleanly (see `validation.decode_columns`)
+    meter_id: str | None = None
+    owners: tuple[str, ...] | None = None
+    numbers: array[int] | None = None
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -45,7 +52,7 @@ class EventBatch:
         return EventBatch(
             [self.names[i] for i in keep],
             [self.payloads[i] for i in keep],
-            [self.identifiers[i] for i in keep],
+            tuple([self.identifiers[i] for i in keep]),
             [self.timestamps[i] for i in keep],
             self.arrival,
             self.livemode,
@@ -85,7 +92,7 @@ def _fast(events: list[Any], arrival: float) -> EventBatch | None:
     try:
         names: list[Any] = list(map(_NAME, events))
         payloads: list[Any] = list(map(_PAYLOAD, events))
-        ids: list[Any] = list(map(_IDENTIFIER, events))
+        ids: tuple[Any, ...] = tuple(map(_IDENTIFIER, events))
         "".join(ids)
         "".join(chain.from_iterable(map(dict.values, payloads)))
         unique_names = set(names)
@@ -114,16 +121,16 @@ def _fill_times(raw_times: list[Any], times: list[float | None], arrival: float)
 
 
 def _slow(events: list[Any], arrival: float) -> EventBatch:
-    batch = EventBatch([], [], [], [], arrival)
+    names, payloads, ids, times = [], [], [], []
     for index, event in enumerate(events):
         where = f"events[{index}]."
         if type(event) is not dict:
             raise invalid(f"events[{index}] must be an object.", param=f"events[{index}]")
-        batch.names.append(_name(event, where))
-        batch.payloads.append(_payload(event, where))
-        batch.identifiers.append(_identifier(event, where))
-        batch.timestamps.append(_timestamp(event, where, arrival))
-    return batch
+        names.append(_name(event, where))
+        payloads.append(_payload(event, where))
+        ids.append(_identifier(event, where))
+        times.append(_timestamp(event, where, arrival))
+    return EventBatch(names, payloads, tuple(ids), times, arrival)
 
 
 def _name(event: dict[str, Any], where: str) -> str:

