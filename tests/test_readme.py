@@ -1,0 +1,39 @@
+"""The README tells the truth: every setting, metric, reason code and dead-letter header is in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingestor import dlq_format, errors, settings
+from ingestor.observability import exported_metric_names
+
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("var", [v.env for v in settings.SETTINGS])
+def test_every_setting_is_documented(var):
+    assert f"`{var}`" in README
+
+
+@pytest.mark.parametrize("name", sorted(exported_metric_names()))
+def test_every_metric_is_documented(name):
+    assert f"`{name}`" in README
+
+
+@pytest.mark.parametrize("code", sorted(errors.REASONS))
+def test_every_reason_code_is_documented(code):
+    assert f"`{code}`" in README
+
+
+@pytest.mark.parametrize("header", sorted(dlq_format.HEADERS))
+def test_every_dead_letter_header_is_documented(header):
+    assert f"`{header}`" in README
+
+
+def test_the_two_setup_commands_are_the_ones_ci_runs():
+    assert "make demo" in README
+    assert "make test" in README
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci
