@@ -7,6 +7,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
+
 from ingestor.devkafka import LocalKafka, create_topic
 
 if TYPE_CHECKING:

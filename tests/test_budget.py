@@ -7,7 +7,6 @@ import math
 import time
 
 import pytest
-from tests.fakes import FakeClock, settle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from ingestor.budget import (
     pacing,
     share_of,
 )
+from tests.fakes import FakeClock, settle
 
 #: Send times that float error puts a hair inside a window edge must not count as a violation.
 EDGE = 1e-6

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+
 from ingestor import cli, devkafka
 from ingestor.devkafka import (
     COMPLETE_MARKER,

@@ -13,7 +13,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from tests.fakes import FakeClock, settle
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from ingestor.session import (
     parse_session_response,
     refresh_at,
 )
+from tests.fakes import FakeClock, settle
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
