@@ -64,6 +64,11 @@ SATURATION_UTILIZATION: Final = 0.95
 #: Too little observed time to judge saturation below this many seconds.
 SATURATION_MIN_OBSERVED_S: Final = 1.0
 
+#: A caller waking this much later than its slot takes a new one (see `BudgetGate.acquire`) ...
+LATE_WAKE_TOLERANCE_S: Final = 0.05
+#: ... at most this many times, so that a permanently overloaded process still makes progress.
+MAX_RESERVATIONS_PER_ACQUIRE: Final = 3
+
 #: Absorbs float error at integer quotas (300 * 1/3 * 0.97 must give 97, not 96).
 _QUOTA_EPSILON: Final = 1e-9
 
@@ -332,9 +337,19 @@ class BudgetGate:
         return self.budget.utilization(self._clock.monotonic())
 
     async def acquire(self) -> None:
-        """Wait for this request's slot in the budget."""
-        while not self.budget.has_share:
-            await self._has_share.wait()
-        delay = self.budget.reserve(self._clock.monotonic())
-        if delay > 0.0:
+        """Wait for this request's slot in the budget.
+
+        A caller that wakes up much later than its slot (the process was starved of CPU, the event
+        loop was blocked) takes a new slot instead of sending at once: otherwise every caller whose
+        slot passed during the stall would send together, a burst the pacing was meant to prevent.
+        """
+        for _ in range(MAX_RESERVATIONS_PER_ACQUIRE):
+            while not self.budget.has_share:
+                await self._has_share.wait()
+            delay = self.budget.reserve(self._clock.monotonic())
+            if delay <= 0.0:
+                return
+            due = self._clock.monotonic() + delay
             await self._clock.sleep(delay)
+            if self._clock.monotonic() - due <= LATE_WAKE_TOLERANCE_S:
+                return

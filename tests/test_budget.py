@@ -450,3 +450,21 @@ async def test_gate_with_the_real_clock() -> None:
     assert gate.budget.decreases_total == 1
     assert gate.utilization() >= 0.0
     assert not gate.saturated()
+
+
+async def test_gate_callers_waking_late_take_new_slots_instead_of_bursting() -> None:
+    clock = FakeClock(start=0.0)
+    gate = BudgetGate(replica(10, 1, 1, headroom=0.0, burst_seconds=0.0), clock)
+    sent: list[float] = []
+
+    async def send() -> None:
+        await gate.acquire()
+        sent.append(clock.monotonic())
+
+    tasks = [asyncio.create_task(send()) for _ in range(5)]
+    await settle()  # slots at 0.0 .. 0.4 are reserved; the first caller sends at once
+    clock.now += 2.0  # the process is starved for 2 s: every other slot passes unseen
+    await clock.advance(1.0)
+    await asyncio.gather(*tasks)
+    late = sent[1:]
+    assert late == pytest.approx([2.0, 2.1, 2.2, 2.3])  # paced again, not four at once
