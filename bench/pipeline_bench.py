@@ -287,7 +287,8 @@ class WorkerProc:
         self.pid = child_pid(self.process.pid) if profile == "py-spy" else self.process.pid
         self.cpu_start = 0.0
 
-    async def delivered(self, http: aiohttp.ClientSession) -> int:
+    async def metric(self, http: aiohttp.ClientSession, prefix: str) -> int:
+        """The sum of the samples whose line starts with `prefix` (0 when /metrics does not answer)."""
         try:
             async with http.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
                 text = await resp.text()
@@ -295,9 +296,12 @@ class WorkerProc:
             return 0
         total = 0.0
         for line in text.splitlines():
-            if line.startswith("ingestor_events_delivered_total{"):
+            if line.startswith(prefix):
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)
+
+    async def delivered(self, http: aiohttp.ClientSession) -> int:
+        return await self.metric(http, "ingestor_events_delivered_total{")
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
@@ -364,6 +368,16 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
         for i in range(args.replicas)
     ]
     started = time.monotonic()
+    if args.produce_rate:
+        # Paced mode measures latency in the steady state: produce once every partition is owned.
+        async with aiohttp.ClientSession() as http:
+            while sum(await asyncio.gather(*(w.metric(http, "ingestor_partitions_assigned ") for w in workers))) < (
+                args.partitions
+            ):
+                if time.monotonic() - started > args.timeout:
+                    raise RuntimeError("the workers did not join the group")
+                await asyncio.sleep(POLL_S)
+        result["joined_after_s"] = round(time.monotonic() - started, 2)
     producer = (
         asyncio.create_task(produce_paced(kafka.bootstrap, topic, n, args.produce_rate)) if args.produce_rate else None
     )

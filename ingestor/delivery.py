@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -131,7 +130,7 @@ class Delivery:
         complete = self._tracker.complete
         for chunk, count in batch.parts:
             complete(chunk, count)
-        now_wall = time.time()
+        now_wall = self._clock.time()
         self._metrics.end_to_end_latency.observe(max(0.0, now_wall - batch.oldest_timestamp_ms() / 1000))
         topics = {chunk.tp.topic for chunk, _ in batch.parts}
         if len(topics) == 1:
@@ -149,7 +148,7 @@ class Delivery:
 
     async def _retry_or_give_up(self, batch: Batch, answer: Answer) -> bool:
         """Back off before the next attempt; True when the batch was dead-lettered instead."""
-        now = time.time()
+        now = self._clock.time()
         batch.attempts += 1
         batch.first_failure = batch.first_failure or now
         batch.last_failure = now
@@ -180,8 +179,8 @@ class Delivery:
                 attempts=batch.attempts + 1,
                 stripe_code=answer.code,
                 identifier=str(event.get("identifier", "")),
-                first_failure=batch.first_failure or time.time(),
-                last_failure=time.time(),
+                first_failure=batch.first_failure or self._clock.time(),
+                last_failure=self._clock.time(),
             )
 
 

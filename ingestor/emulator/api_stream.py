@@ -31,10 +31,23 @@ async def create_session(ctx: Context, call: Call) -> web.StreamResponse:
 
 async def stream(ctx: Context, call: Call) -> web.StreamResponse:
     request = call.request
-    token = credential(request.headers.get(AUTHORIZATION), allow_basic=False)
+    now = ctx.clock()
+    livemode = admit(ctx, request.headers.get(AUTHORIZATION), now)
+    body = await read_body(request, ctx.config.max_body_bytes)
+    require_type(request, JSON, body)
+    ingest(ctx, livemode, body, now)
+    return ok_empty()
+
+
+def admit(ctx: Context, authorization: str | None, now: float) -> bool:
+    """Check the session token and the rate limit (401, 429); returns the session's livemode.
+
+    Shared by `stream` and the server's fast path (`fastpath.StreamProtocol`), which has the body
+    already and answers `ingest`'s errors and the 200 itself.
+    """
+    token = credential(authorization, allow_basic=False)
     if token is None:
         raise unauthorized("You did not provide a meter event session token in the Authorization header.")
-    now = ctx.clock()
     session = ctx.state.sessions.resolve(token, now, ctx.planner.faults.revoke_sessions_after_s)
     if session is None:
         raise session_expired()
@@ -42,13 +55,15 @@ async def stream(ctx: Context, call: Call) -> web.StreamResponse:
     if not ctx.limiter.allow(session.api_key, ctx.config.stream_limit(livemode), now):
         ctx.state.stats.rate_limited += 1
         raise rate_limited("endpoint-rate" if livemode else "global-rate")
-    body = await read_body(request, ctx.config.max_body_bytes)
-    require_type(request, JSON, body)
-    batch = parse_stream_body(body, now)
+    return livemode
+
+
+def ingest(ctx: Context, livemode: bool, body: bytes, now: float) -> None:
+    """Parse a checked body (400s), apply the `reject_identifiers` fault, de-duplicate and queue."""
+    batch = parse_stream_body(body, now, ctx.state.modes[livemode].meters.active_by_name)
     _reject_by_fault(ctx, batch.identifiers)
     batch.livemode = livemode
     ctx.state.accept_stream(batch)
-    return ok_empty()
 
 
 def _reject_by_fault(ctx: Context, identifiers: Sequence[str]) -> None:

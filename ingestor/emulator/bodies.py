@@ -36,9 +36,14 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 def require_type(request: web.BaseRequest, expected: str, body: bytes) -> None:
     """A body must come with the expected Content-Type (parameters such as charset are ignored)."""
+    if body:
+        check_type(request.headers.get("Content-Type", ""), expected, body)
+
+
+def check_type(given: str, expected: str, body: bytes) -> None:
+    """`require_type` for a Content-Type header value already read (`""` when there is none)."""
     if not body:
         return
-    given = request.headers.get("Content-Type", "")
     if given == expected or given.partition(";")[0].strip().lower() == expected:
         return
     raise ApiError(

@@ -1,5 +1,8 @@
 """The emulator server: one aiohttp low-level `web.Server`, a route table, faults, background work.
 
+Connections start on the fast path (`fastpath.StreamProtocol`), which serves plain stream requests
+itself while no fault is set and hands the connection to the aiohttp server on anything else.
+
 Usable in-process::
 
     async with Emulator(EmulatorConfig(session_ttl=3.0), host="127.0.0.1", port=0) as emu:
@@ -21,6 +24,7 @@ from aiohttp import web
 from ingestor.emulator.config import EmulatorConfig
 from ingestor.emulator.context import Call, Context
 from ingestor.emulator.errors import ApiError, rate_limited, server_error
+from ingestor.emulator.fastpath import FastPath
 from ingestor.emulator.faults import NO_DECISION, Decision, FaultPlanner, Faults, Outcome
 from ingestor.emulator.ids import IdFactory
 from ingestor.emulator.listener import Listener
@@ -59,7 +63,9 @@ class Emulator:
         self._ctx = Context(self.config, self.state, clock, self._planner, FixedWindowLimiter(), self)
         self._router = Router()
         self._web = web.Server(self._handle, access_log=None)
-        self._listener = Listener(self._web, host, port)
+        #: serves plain stream requests without aiohttp (its `connections` are those not handed over)
+        self.fast_path = FastPath(self._ctx, self._web)
+        self._listener = Listener(self.fast_path, host, port)
         self._host = host
         self._tasks: set[asyncio.Task[None]] = set()
         self._webhooks: WebhookSender | None = None
@@ -103,6 +109,7 @@ class Emulator:
         if self._refuse_timer is not None:
             self._refuse_timer.cancel()
         await self._listener.close()
+        self.fast_path.close()
         await self._web.shutdown(SHUTDOWN_GRACE_S)
         for task in list(self._tasks):
             task.cancel()

@@ -99,31 +99,12 @@ class EmulatorState:
             seen.update(batch.identifiers)
         accepted = len(batch.identifiers)
         if accepted:
-            self._decode(mode, batch)
             mode.arrivals.append((batch.arrival, batch.identifiers))
             self.pending.append(batch)
             self.pending_events += accepted
             stats.events_accepted += accepted
             if stats.record_latency:
                 stats.latencies.extend(map(sub, repeat(batch.arrival, accepted), batch.timestamps))
-
-    @staticmethod
-    def _decode(mode: ModeState, batch: EventBatch) -> None:
-        """Decode a one-meter batch at intake and drop its payloads (see `validation.decode_columns`).
-
-        What stays queued is compact (tuples, lists of numbers), and the payload objects are freed
-        while still in the CPU cache: freeing them 100 ms later costs more than everything else.
-        """
-        names = batch.names
-        meter = mode.meters.active_by_name.get(names[0])
-        if meter is None or names.count(names[0]) != len(names):
-            return
-        columns = decode_columns(meter, batch.payloads)
-        if columns is not None:
-            batch.meter_id = meter.id
-            batch.owners, batch.numbers = columns
-            batch.names = []
-            batch.payloads = []
 
     def _drop_duplicates(self, mode: ModeState, batch: EventBatch, seen: set[str]) -> EventBatch:
         """Keep the first of each identifier not in `seen`; count the others as duplicates."""

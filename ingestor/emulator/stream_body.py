@@ -2,14 +2,16 @@
 
 A whole request is rejected with one 400 naming the first offending event (`events[17].payload.value`)
 in `param` and in the message, so a client bisecting a batch always gets the same answer. The fast
-path checks whole columns with C-level `map`/`set`; only a batch that fails it (or lacks identifiers)
+path checks whole columns with C-level `map`/`join`; only a batch that fails it (or lacks identifiers)
 is walked event by event, which also finds the exact offending index; timestamps
-missing from the parse cache are parsed one by one.
+missing from the parse cache are parsed one by one. A batch of one event name with an active meter
+is decoded in the same pass (customers and values as columns), and the payloads are dropped.
 """
 
 from __future__ import annotations
 
 import uuid
+from array import array
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
@@ -20,9 +22,12 @@ import orjson
 from ingestor.emulator.errors import ApiError, invalid
 from ingestor.emulator.limits import MAX_EVENTS_PER_REQUEST, MAX_NAME_LENGTH
 from ingestor.emulator.timefmt import TimestampError, cached_lookup, parse_rfc3339
+from ingestor.emulator.validation import decode_columns, decode_owners_and_values
 
 if TYPE_CHECKING:
-    from array import array
+    from collections.abc import Mapping, Sequence
+
+    from ingestor.emulator.meters import Meter
 
 _NAME = itemgetter("event_name")
 _PAYLOAD = itemgetter("payload")
@@ -36,11 +41,11 @@ class EventBatch:
     names: list[str]
     payloads: list[dict[str, str]]
     identifiers: tuple[str, ...]
-    timestamps: list[float]
+    timestamps: Sequence[float]
     arrival: float
     livemode: bool = False
     #: set at intake when the batch has one event name with an active meter and its customers and
-    #: values decode cleanly (see `validation.decode_columns`)
+    #: values decode cleanly (see `validation.decode_columns`); `names` and `payloads` are then empty
     meter_id: str | None = None
     owners: tuple[str, ...] | None = None
     numbers: array[int] | None = None
@@ -49,11 +54,26 @@ class EventBatch:
         return len(self.identifiers)
 
     def select(self, keep: list[int]) -> EventBatch:
+        identifiers = tuple([self.identifiers[i] for i in keep])
+        timestamps = [self.timestamps[i] for i in keep]
+        if self.meter_id is not None and self.owners is not None and self.numbers is not None:
+            owners, numbers = self.owners, self.numbers
+            return EventBatch(
+                [],
+                [],
+                identifiers,
+                timestamps,
+                self.arrival,
+                self.livemode,
+                self.meter_id,
+                tuple([owners[i] for i in keep]),
+                array("q", [numbers[i] for i in keep]),
+            )
         return EventBatch(
             [self.names[i] for i in keep],
             [self.payloads[i] for i in keep],
-            tuple([self.identifiers[i] for i in keep]),
-            [self.timestamps[i] for i in keep],
+            identifiers,
+            timestamps,
             self.arrival,
             self.livemode,
         )
@@ -66,7 +86,13 @@ def decode_json(body: bytes) -> Any:
         raise invalid("Invalid JSON received in the request body.", code="invalid_json") from exc
 
 
-def parse_stream_body(body: bytes, arrival: float) -> EventBatch:
+def parse_stream_body(body: bytes, arrival: float, meters: Mapping[str, Meter] | None = None) -> EventBatch:
+    """The checked batch, or a 400 naming the first offending event.
+
+    With `meters` (the mode's active meters by event name), a batch of one event name with an active
+    meter is also decoded here (customers and values as columns, see `validation.decode_columns`):
+    the payloads are still in the CPU cache, and the same columns prove the payloads hold strings.
+    """
     document = decode_json(body)
     if type(document) is not dict:
         raise invalid("The request body must be a JSON object.", code="invalid_json")
@@ -79,38 +105,115 @@ def parse_stream_body(body: bytes, arrival: float) -> EventBatch:
         raise invalid(
             f"events must contain at most {MAX_EVENTS_PER_REQUEST} events, got {len(events)}.", param="events"
         )
-    batch = _fast(events, arrival)
+    batch = _fast(events, arrival, meters)
     return batch if batch is not None else _slow(events, arrival)
 
 
-def _fast(events: list[Any], arrival: float) -> EventBatch | None:
+def _fast(events: list[Any], arrival: float, meters: Mapping[str, Meter] | None) -> EventBatch | None:
     """The batch when every event is well-formed and carries an identifier, else None.
 
     `str.join` raises TypeError on any non-string, `dict.values` on any non-dict, `itemgetter` KeyError
     on a missing field: each check is one C-level pass over the batch.
     """
+    columns = _columns(events)
+    if columns is None:
+        return None
+    names, payloads, ids = columns
+    valid, name = _check_names(names)
+    if not valid:
+        return None
+    meter = meters.get(name) if meters and name is not None else None
+    pair = _payload_columns(meter, payloads) if meter is not None else None
+    if pair is None and not _payload_strings(payloads):
+        return None
+    times = _times(events, arrival)
+    if times is None:
+        return None
+    batch = EventBatch(names, payloads, ids, times, arrival)
+    if meter is not None:
+        decoded = decode_owners_and_values(*pair) if pair is not None else decode_columns(meter, payloads)
+        if decoded is not None:
+            batch.meter_id = meter.id
+            batch.owners, batch.numbers = decoded
+            batch.names = []
+            batch.payloads = []
+    return batch
+
+
+def _columns(events: list[Any]) -> tuple[list[Any], list[Any], tuple[str, ...]] | None:
+    """(names, payloads, identifiers) when every event is an object with all three and the identifiers
+    are non-empty strings of at most `MAX_NAME_LENGTH` characters; else None."""
     try:
         names: list[Any] = list(map(_NAME, events))
         payloads: list[Any] = list(map(_PAYLOAD, events))
         ids: tuple[Any, ...] = tuple(map(_IDENTIFIER, events))
         "".join(ids)
-        "".join(chain.from_iterable(map(dict.values, payloads)))
-        unique_names = set(names)
     except (KeyError, TypeError):
         return None
-    if not all(type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH for name in unique_names):
+    if max(map(len, ids)) > MAX_NAME_LENGTH or not all(ids):
         return None
-    if max(map(len, ids)) > MAX_NAME_LENGTH or "" in ids:
+    return names, payloads, ids
+
+
+def _check_names(names: list[Any]) -> tuple[bool, str | None]:
+    """Whether every name is valid, and the batch's one name (None when it has several)."""
+    name = names[0]
+    if names.count(name) == len(names):
+        return type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH, name
+    try:
+        unique_names = set(names)
+    except TypeError:  # an unhashable name
+        return False, None
+    return all(type(name) is str and 0 < len(name) <= MAX_NAME_LENGTH for name in unique_names), None
+
+
+def _payload_strings(payloads: list[Any]) -> bool:
+    """Whether every payload is an object of strings."""
+    try:
+        "".join(chain.from_iterable(map(dict.values, payloads)))
+    except TypeError:
+        return False
+    return True
+
+
+def _payload_columns(meter: Meter, payloads: list[Any]) -> tuple[tuple[str, ...], list[str]] | None:
+    """(customers, values) when every payload holds exactly the meter's two keys, with string values.
+
+    Then those two columns are every payload value, so joining them proves the payloads hold only
+    strings (cheaper than walking every payload's values); else None.
+    """
+    if meter.customer_key == meter.value_key:
         return None
-    raw_times: list[Any] = list(map(dict.get, events, repeat("timestamp", len(events))))
-    unique_times = set(raw_times) if raw_times[0] == raw_times[-1] else ()
-    if len(unique_times) == 1:
-        return EventBatch(names, payloads, ids, [_timestamp(events[0], "events[0].", arrival)] * len(events), arrival)
-    lookup: Any = cached_lookup().get
-    times: list[float | None] = list(map(lookup, raw_times))
+    try:
+        owners: tuple[Any, ...] = tuple(map(itemgetter(meter.customer_key), payloads))
+        values: list[Any] = list(map(itemgetter(meter.value_key), payloads))
+        "".join(owners)
+        "".join(values)
+    except (KeyError, TypeError):
+        return None
+    if sum(map(len, payloads)) != 2 * len(payloads):
+        return None
+    return owners, values
+
+
+def _times(events: list[Any], arrival: float) -> Sequence[float] | None:
+    """Each event's timestamp (the arrival time when it has none); None when one is not a string.
+
+    A batch sharing one timestamp (the usual case) is parsed once and repeated as an `array("d")`,
+    which the meter's columns take in one copy.
+    """
+    count = len(events)
+    raw_times: list[Any] = list(map(dict.get, events, repeat("timestamp", count)))
+    first = raw_times[0]
+    if raw_times.count(first) == count:
+        return array("d", (_timestamp(events[0], "events[0].", arrival),)) * count
+    try:
+        times: list[float | None] = list(map(cached_lookup().get, raw_times))
+    except TypeError:  # an unhashable timestamp: the slow path names the first offending event
+        return None
     if None in times:
         _fill_times(raw_times, times, arrival)
-    return EventBatch(names, payloads, ids, cast("list[float]", times), arrival)
+    return cast("list[float]", times)
 
 
 def _fill_times(raw_times: list[Any], times: list[float | None], arrival: float) -> None:

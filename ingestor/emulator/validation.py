@@ -20,11 +20,14 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+import orjson
 
 from ingestor.emulator.limits import MAX_FUTURE_S, MAX_PAST_S, MAX_VALUE_DIGITS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from collections.abc import Set as AbstractSet
 
     from ingestor.emulator.meters import Meter
@@ -131,27 +134,57 @@ def decode_columns(meter: Meter, payloads: list[dict[str, str]]) -> tuple[tuple[
     (the allow-list aside), else None (then `check_event` finds each failure).
 
     Works on whole columns with C-level `map`, `join` and `min`/`max`, no Python loop per event. The
-    server runs it at intake, while the payloads are still in the CPU cache: measured, the same
-    work on payloads read back 100 ms later costs four times as much.
+    stream runs it at intake (`stream_body.parse_stream_body`), while the payloads are still in the
+    CPU cache: measured, the same work on payloads read back 100 ms later costs four times as much.
     """
     try:
-        owners: list[str] = list(map(itemgetter(meter.customer_key), payloads))
+        owners = tuple(map(itemgetter(meter.customer_key), payloads))
         values: list[str] = list(map(itemgetter(meter.value_key), payloads))
     except KeyError:
         return None
-    if "" in owners or "" in values:
+    return decode_owners_and_values(owners, values)
+
+
+def decode_owners_and_values(owners: tuple[str, ...], values: list[str]) -> tuple[tuple[str, ...], array[int]] | None:
+    """`decode_columns` for columns already taken from the payloads (strings, one per event)."""
+    if not all(owners):
         return None
+    numbers = decode_values(values)
+    return None if numbers is None else (owners, numbers)
+
+
+_VALUE_LIMIT: Final = 10**MAX_VALUE_DIGITS
+
+
+def decode_values(values: list[str]) -> array[int] | None:
+    """The values as numbers when every one passes rule 3 (ASCII digits, positive, at most
+    `MAX_VALUE_DIGITS` digits), else None.
+
+    One C-level parse of the whole column as a JSON array (a third of the cost of `int()` per value);
+    JSON refuses what it cannot read exactly (leading zeros, an empty value), and those columns take
+    the exact per-value path. Without leading zeros, more than 18 digits means at least 10**18.
+    """
     digits = "".join(values)
-    if not (digits.isascii() and digits.isdigit()) or max(map(len, values)) > MAX_VALUE_DIGITS:
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    try:
+        parsed: list[int] = orjson.loads("[" + ",".join(values) + "]")
+    except orjson.JSONDecodeError:  # leading zeros or an empty value
+        return _decode_values_exactly(values)
+    if min(parsed) <= 0 or max(parsed) >= _VALUE_LIMIT:  # a huge number parses as a float: also too large
+        return None
+    return array("q", parsed)
+
+
+def _decode_values_exactly(values: list[str]) -> array[int] | None:
+    if "" in values or max(map(len, values)) > MAX_VALUE_DIGITS:
         return None
     numbers = array("q", map(int, values))
-    if min(numbers) <= 0:
-        return None
-    return tuple(owners), numbers
+    return numbers if min(numbers) > 0 else None
 
 
 def columns_valid(
-    owners: tuple[str, ...], timestamps: list[float], arrival: float, customers: frozenset[str] | None
+    owners: tuple[str, ...], timestamps: Sequence[float], arrival: float, customers: frozenset[str] | None
 ) -> bool:
     """The remaining rules for decoded columns: known customers, timestamps within the window."""
     if customers is not None and not customers.issuperset(owners):

@@ -9,6 +9,8 @@ from array import array
 import orjson
 import pytest
 import stripe
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingestor.emulator.aggregation import Query, check_range, latest_per_window, summarize
 from ingestor.emulator.auth import check_key, credential
@@ -22,7 +24,7 @@ from ingestor.emulator.signature import signature_header
 from ingestor.emulator.stats import latency_percentiles
 from ingestor.emulator.stream_body import parse_stream_body
 from ingestor.emulator.timefmt import TimestampError, format_rfc3339, parse_rfc3339
-from ingestor.emulator.validation import check_value, decode_columns
+from ingestor.emulator.validation import check_value, decode_columns, decode_values
 from ingestor.emulator.windows import FixedWindowLimiter, SlidingWindowMax, max_in_window
 
 H = 3600
@@ -302,6 +304,61 @@ def test_decode_columns_is_all_or_nothing():
     assert decode_columns(meter, [*good, {"stripe_customer_id": "c3"}]) is None
     assert decode_columns(meter, [*good, {"stripe_customer_id": "c3", "value": "0"}]) is None
     assert decode_columns(meter, [*good, {"stripe_customer_id": "", "value": "1"}]) is None
+
+
+def _decoded_one_by_one(values: list[str]) -> array[int] | None:
+    """The reference for `decode_values`: rule 3 checked value by value."""
+    if any(check_value(value) for value in values):
+        return None
+    return array("q", map(int, values))
+
+
+_VALUES = st.one_of(
+    st.integers(min_value=0, max_value=10**20).map(str),
+    st.sampled_from(["", "0", "00", "007", "1" * 18, "9" * 18, "9" * 19, "1" + "0" * 18, "-1", "1.5", "1e3", "\u0661"]),
+    st.text(alphabet="0123456789", max_size=21),
+)
+
+
+@given(st.lists(_VALUES, min_size=1, max_size=12))
+def test_decode_values_matches_the_rule_value_by_value(values):
+    assert decode_values(values) == _decoded_one_by_one(values)
+
+
+def _meters() -> dict[str, Meter]:
+    return {"e": Meter("m", "d", "e", "sum", "stripe_customer_id", "value", None, livemode=False, created=0)}
+
+
+def test_stream_body_decodes_one_meter_batches_at_intake():
+    batch = parse_stream_body(
+        _body([_event(1), _event(2, payload={"stripe_customer_id": "d", "value": "7"})]), 5.0, _meters()
+    )
+    assert (batch.meter_id, batch.owners, batch.numbers) == ("m", ("c", "d"), array("q", [1, 7]))
+    assert (batch.names, batch.payloads, list(batch.timestamps)) == ([], [], [5.0, 5.0])
+    kept = batch.select([1])
+    assert (kept.identifiers, kept.owners, kept.numbers, kept.meter_id) == (("i2",), ("d",), array("q", [7]), "m")
+    extra = parse_stream_body(
+        _body([_event(1, payload={"stripe_customer_id": "c", "value": "3", "x": "y"})]), 0, _meters()
+    )
+    assert (extra.meter_id, extra.numbers) == ("m", array("q", [3]))
+    failing = parse_stream_body(_body([_event(1, payload={"stripe_customer_id": "c", "value": "0"})]), 0, _meters())
+    assert (failing.meter_id, failing.names) == (None, ["e"])
+
+
+@pytest.mark.parametrize(
+    ("events", "param"),
+    [
+        ([_event(0), _event(1, payload={"stripe_customer_id": "c", "value": "1", "x": 5})], "events[1].payload.x"),
+        ([_event(0, payload={"stripe_customer_id": 7, "value": "1"})], "events[0].payload.stripe_customer_id"),
+        ([_event(0, timestamp={})], "events[0].timestamp"),
+        ([_event(0), _event(1, timestamp=[1])], "events[1].timestamp"),
+    ],
+)
+def test_stream_body_with_meters_names_the_first_offending_event(events, param):
+    for meters in (None, _meters()):
+        with pytest.raises(ApiError) as caught:
+            parse_stream_body(_body(events), 0.0, meters)
+        assert (caught.value.status, caught.value.param) == (400, param)
 
 
 # -- small helpers ----------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Settings: read once, validated, every bad value named; secrets never shown."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from ingestor.settings import LIVE_MODE_STREAM_RPS, SANDBOX_BASIC_RPS, SETTINGS, SettingsError, describe, load
+
+BASE = {"KAFKA_BOOTSTRAP_SERVERS": "k:9092", "INGESTOR_TOPICS": "usage", "STRIPE_API_KEY": "sk_test_abc123"}
+
+
+def test_defaults_load():
+    s = load(BASE)
+    assert s.topics == ("usage",)
+    assert s.batch_max_events == 100
+    assert s.linger_ms == 50
+    assert s.stripe_api_base == "https://api.stripe.com"
+    assert s.stripe_meter_events_base == "https://meter-events.stripe.com"
+    assert s.effective_error_report_topic == s.dlq_topic
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"KAFKA_BOOTSTRAP_SERVERS": None}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"INGESTOR_TOPICS": " , "}, "INGESTOR_TOPICS"),
+        ({"STRIPE_API_KEY": None}, "STRIPE_API_KEY"),
+        ({"STRIPE_API_KEY": "pk_test_123"}, "STRIPE_API_KEY"),
+        ({"INGESTOR_BATCH_MAX_EVENTS": "101"}, "INGESTOR_BATCH_MAX_EVENTS"),
+        ({"INGESTOR_BATCH_MAX_EVENTS": "ten"}, "INGESTOR_BATCH_MAX_EVENTS"),
+        ({"INGESTOR_LINGER_MS": "-1"}, "INGESTOR_LINGER_MS"),
+        ({"INGESTOR_RPS_BUDGET": "0"}, "INGESTOR_RPS_BUDGET"),
+        ({"INGESTOR_BUDGET_HEADROOM": "nan"}, "INGESTOR_BUDGET_HEADROOM"),
+        ({"INGESTOR_STRIPE_API_BASE": "ftp://x"}, "INGESTOR_STRIPE_API_BASE"),
+        ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SASL_USERNAME"),
+        ({"KAFKA_SSL_CHECK_HOSTNAME": "maybe"}, "KAFKA_SSL_CHECK_HOSTNAME"),
+        ({"INGESTOR_METER_CATALOG": "static"}, "INGESTOR_METERS"),
+        ({"INGESTOR_WEBHOOK_PORT": "8443"}, "STRIPE_WEBHOOK_SECRET"),
+        ({"INGESTOR_RETRY_BASE_S": "5", "INGESTOR_RETRY_MAX_S": "1"}, "INGESTOR_RETRY_MAX_S"),
+        ({"INGESTOR_DLQ_TOPIC": "usage"}, "INGESTOR_DLQ_TOPIC"),
+        ({"STRIPE_API_KEY": None, "STRIPE_API_KEY_FILE": "/nonexistent/key"}, "STRIPE_API_KEY_FILE"),
+    ],
+)
+def test_a_bad_value_names_its_variable(env, named):
+    merged = {**BASE, **env}
+    with pytest.raises(SettingsError, match=named):
+        load({k: v for k, v in merged.items() if v is not None})
+
+
+def test_budget_defaults_follow_the_key_mode():
+    assert load(BASE).effective_rps_budget == SANDBOX_BASIC_RPS
+    assert load({**BASE, "STRIPE_API_KEY": "rk_live_abc"}).effective_rps_budget == LIVE_MODE_STREAM_RPS
+    assert load({**BASE, "INGESTOR_RPS_BUDGET": "300"}).effective_rps_budget == 300
+
+
+def test_secrets_come_from_files_and_never_show(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk_live_fromFile123\n")
+    password = tmp_path / "password"
+    password.write_text("hunter2")
+    s = load(
+        {
+            **BASE,
+            "STRIPE_API_KEY": "",
+            "STRIPE_API_KEY_FILE": str(key_file),
+            "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "svc",
+            "KAFKA_SASL_PASSWORD_FILE": str(password),
+        }
+    )
+    assert s.api_key == "sk_live_fromFile123"
+    assert s.livemode
+    assert "sk_live_fromFile123" not in repr(s)
+    assert "hunter2" not in repr(s)
+    options = s.kafka_security()
+    assert options == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "hunter2",
+    }
+
+
+def test_tls_options_build_an_ssl_context():
+    s = load({**BASE, "KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CHECK_HOSTNAME": "false"})
+    options = s.kafka_security()
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    assert options["ssl_context"].check_hostname is False
+
+
+def test_help_lists_every_variable():
+    text = describe()
+    for var in SETTINGS:
+        assert var.env in text
