@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from ingestor.events import Record
     from ingestor.offsets import Chunk
@@ -47,6 +47,23 @@ class Batch:
     def split_at(self, index: int) -> tuple[Batch, Batch]:
         """Events [0, index) and [index, len); either may be empty."""
         return self._sub(0, index), self._sub(index, len(self.events))
+
+    def without(self, drop: Callable[[Chunk], bool]) -> Batch | None:
+        """The batch less the events of chunks `drop` selects (None when nothing is left)."""
+        if not any(drop(chunk) for chunk, _ in self.parts):
+            return self
+        kept = Batch(created=self.created, attempts=self.attempts)
+        i = 0
+        for chunk, count in self.parts:
+            if not drop(chunk):
+                kept.events.extend(self.events[i : i + count])
+                kept.records.extend(self.records[i : i + count])
+                kept.parts.append((chunk, count))
+            i += count
+        if not kept.events:
+            return None
+        kept.nbytes = sum(len(r.value or b"") + EVENT_OVERHEAD_BYTES for r in kept.records)
+        return kept
 
     def entries(self) -> list[tuple[dict[str, Any], Record, Chunk]]:
         """(event, record, chunk) for every event, in order."""

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ingestor import __version__, dlq_format
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from ingestor.errors import Rejection
     from ingestor.events import Record
     from ingestor.metrics import Metrics
@@ -106,6 +108,7 @@ class DeadLetterWriter:
         self._tracker = tracker
         self._metrics = metrics
         self._queue: list[Letter] = []
+        self._writing: list[Letter] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -119,7 +122,11 @@ class DeadLetterWriter:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._writing)
+
+    def pending_for(self, tps: Collection[tuple[str, int]]) -> bool:
+        """Whether a letter of one of these partitions is not acked yet."""
+        return any(letter.chunk.tp in tps for letter in (*self._queue, *self._writing))
 
     async def run(self) -> None:
         """Write queued letters until cancelled."""
@@ -130,7 +137,11 @@ class DeadLetterWriter:
                 self._wake.clear()
                 await self._wake.wait()
             letters, self._queue = self._queue, []
-            failed = await self._write(letters)
+            self._writing = letters
+            try:
+                failed = await self._write(letters)
+            finally:
+                self._writing = []
             if failed:
                 self._queue[:0] = failed
                 failures += 1

@@ -34,7 +34,7 @@ from ingestor.delivery import Delivery
 from ingestor.events import Decoder
 from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
-from ingestor.offsets import OffsetTracker
+from ingestor.offsets import Chunk, OffsetTracker
 from ingestor.session import SessionManager, create_session
 from ingestor.stream_client import AiohttpTransport, StreamClient
 from ingestor.webhook import webhook_app
@@ -83,6 +83,10 @@ class Worker:
         self.metrics_port = 0
         self.webhook_port = 0
         self._stop = asyncio.Event()
+        self._inflight: set[Batch] = set()
+        self._revoking: set[TopicPartition] = set()
+        #: set once a revoke released chunks: queued batches may hold events that are no longer ours
+        self._released_seen = False
         self._paused = False
         self._first_offsets: dict[TopicPartition, int] = {}
         self._exit = contextlib.AsyncExitStack()
@@ -291,13 +295,22 @@ class Worker:
 
     async def _sender(self, _: int) -> None:
         assert self.delivery is not None
-        deliver, queue = self.delivery.deliver, self.queue
+        deliver, queue, inflight = self.delivery.deliver, self.queue, self._inflight
         while True:
-            batch = await queue.get()
+            taken = await queue.get()
+            batch = taken.without(self._not_ours) if self._revoking or self._released_seen else taken
             try:
-                await deliver(batch)
+                if batch is not None:
+                    inflight.add(batch)
+                    await deliver(batch)
             finally:
+                if batch is not None:
+                    inflight.discard(batch)
                 queue.task_done()
+
+    def _not_ours(self, chunk: Chunk) -> bool:
+        """Events not to send: their partition was revoked or is being revoked (the new owner sends them)."""
+        return chunk.released or chunk.tp in self._revoking
 
     async def _linger_loop(self) -> None:
         linger = self.settings.linger_ms / 1000
@@ -361,17 +374,31 @@ class Worker:
     # ----------------------------------------------------------------- rebalances
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Release revoked partitions: finish what is in flight, commit, forget the rest.
+
+        Only requests already under way are waited for (up to the drain deadline): events consumed but
+        not yet sent are dropped and left to the partition's next owner, which reads them again from the
+        committed offset. Waiting for a whole buffer would hold the group's rebalance hostage.
+        """
         self.metrics.rebalances.labels("revoked").inc()
+        gone = set(revoked)
+        self._revoking |= gone
         batch = self.batcher.flush()
         if batch is not None:
             self.queue.put_nowait(batch)
-        await self._wait_until(
-            lambda: not any(self.tracker.in_flight(tp) for tp in revoked), self.settings.drain_timeout_s
-        )
+        assert self.dead_letters is not None
+
+        def settled() -> bool:
+            busy = any(chunk.tp in gone for b in self._inflight for chunk, _ in b.parts)
+            return not busy and not self.dead_letters.pending_for(gone)  # type: ignore[union-attr]
+
+        await self._wait_until(settled, self.settings.drain_timeout_s)
         await self._commit(revoked)
         for tp in revoked:
             self.tracker.revoke(tp)
             self._first_offsets.pop(tp, None)
+        self._released_seen = True
+        self._revoking -= gone
         log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -272,3 +272,17 @@ def test_bisecting_maps_every_record_to_its_chunk(sizes: list[list[int]], data: 
         assert [p.records[0] for p in pieces] == batch.records
         chunks = [c for p in pieces for c, _ in p.parts]
         assert chunks == [c for c, n in batch.parts for _ in range(n)]
+
+
+def test_without_drops_the_events_of_selected_chunks_and_keeps_the_rest_in_order():
+    a, b, c = (Chunk(TopicPartition("t", p), 0, 3, 3) for p in range(3))
+    records = [FakeRecord("t", p, o, 0, None, b"{}", ()) for p in range(3) for o in range(3)]
+    events = [{"identifier": f"{r.partition}-{r.offset}"} for r in records]
+    batch = Batch(events, records, [(a, 3), (b, 3), (c, 3)], 9 * 10)
+    kept = batch.without(lambda chunk: chunk is b)
+    assert kept is not None
+    assert [e["identifier"] for e in kept.events] == ["0-0", "0-1", "0-2", "2-0", "2-1", "2-2"]
+    assert [r.partition for r in kept.records] == [0, 0, 0, 2, 2, 2]
+    assert kept.parts == [(a, 3), (c, 3)]
+    assert batch.without(lambda chunk: False) is batch
+    assert batch.without(lambda chunk: True) is None

@@ -44,6 +44,8 @@ _REQUEST_LINE = b"POST " + STREAM_PATH.encode() + b" HTTP/1.1\r\n"
 #: the header lines after the request line: tokens, a colon, visible ASCII, spaces and tabs only
 _HEADERS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*")
 _END = b"\r\n\r\n"
+#: an idle connection is closed after this long, as aiohttp's server does (its default keep-alive timeout)
+KEEPALIVE_TIMEOUT_S = 75.0
 #: a longer head goes to aiohttp, whose own limits (8190 bytes a line) then apply
 MAX_HEAD = 8190
 #: headers that change how the request is framed or answered: aiohttp's business
@@ -59,7 +61,17 @@ _UNKNOWN_ERROR = ApiError(500, None, "An unknown error occurred.", type="api_err
 class StreamProtocol(asyncio.Protocol):
     """One connection: serves plain stream requests, hands the connection to aiohttp on anything else."""
 
-    __slots__ = ("_buffer", "_fast", "_need", "_read_paused", "_transport", "_write_paused")
+    __slots__ = (
+        "_buffer",
+        "_fast",
+        "_idle_timer",
+        "_last_read",
+        "_loop",
+        "_need",
+        "_read_paused",
+        "_transport",
+        "_write_paused",
+    )
 
     def __init__(self, fast: FastPath) -> None:
         self._fast = fast
@@ -70,14 +82,36 @@ class StreamProtocol(asyncio.Protocol):
         self._need = 0
         self._write_paused = False
         self._read_paused = False
+        self._loop = asyncio.get_running_loop()
+        self._last_read = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         self._fast.connections.add(self)
+        self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT_S, self._close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - the protocol's signature
         self._fast.connections.discard(self)
         self._transport = None
+        self._stop_idle_timer()
+
+    def _close_if_idle(self) -> None:
+        """Close a connection idle for `KEEPALIVE_TIMEOUT_S` between requests (checked lazily)."""
+        self._idle_timer = None
+        if self._transport is None:
+            return
+        idle = self._loop.time() - self._last_read
+        if idle >= KEEPALIVE_TIMEOUT_S and not self._buffer:
+            self._transport.close()
+            return
+        delay = KEEPALIVE_TIMEOUT_S - idle if idle < KEEPALIVE_TIMEOUT_S else KEEPALIVE_TIMEOUT_S
+        self._idle_timer = self._loop.call_later(delay, self._close_if_idle)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def close(self) -> None:
         if self._transport is not None:
@@ -96,6 +130,7 @@ class StreamProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
         if self._buffer:
             data = self._buffer + data
             if len(data) < self._need:  # the rest of a request's body is still on its way
@@ -164,6 +199,7 @@ class StreamProtocol(asyncio.Protocol):
         """Give the connection, and the bytes not yet answered, to aiohttp's protocol for good."""
         transport = self._transport
         self._fast.connections.discard(self)
+        self._stop_idle_timer()
         self._buffer = b""
         self._transport = None
         if transport is None or transport.is_closing():

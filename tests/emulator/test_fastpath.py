@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor.emulator import Emulator, EmulatorConfig, fastpath
 from tests.emulator.conftest import LIVE_KEY, STREAM, TEST_KEY, Api, FakeClock, event
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -247,6 +247,19 @@ async def test_chunked_bodies_are_served_by_aiohttp(api: Api):
     await connection.close()
     assert (status, raw.endswith(b"{}")) == (200, True)
     assert api.emu.state.identifier_info("c1")["accepted"] == 1
+
+
+async def test_idle_fast_connections_are_closed_like_aiohttp_does(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fastpath, "KEEPALIVE_TIMEOUT_S", 0.2)
+    async with Emulator(EmulatorConfig(stream_rps_limit=0)) as emu:
+        token = await _session(emu, TEST_KEY)
+        connection = await Connection.open(emu)
+        for _ in range(3):
+            assert (await connection.exchange(stream_request(token)))[0] == 200
+            await asyncio.sleep(0.1)
+        assert len(emu.fast_path.connections) == 1
+        assert await asyncio.wait_for(connection.reader.read(), 5) == b""
+        await connection.close()
 
 
 async def test_stop_closes_idle_fast_connections():

@@ -53,12 +53,10 @@ async def test_three_replicas_share_one_budget_and_survive_a_kill(kafka_bootstra
                     proc.kill()
         stats = await api.stats()
         await assert_totals(api, meter_ids, totals)
-    import json, pathlib  # noqa
-    pathlib.Path("/tmp/replica_stats.json").write_text(json.dumps({"from": steady_from, "to": steady_to, "stats": stats}))
     assert [p.returncode for p in procs[1:]] == [0, 0]
     assert stats["events_accepted"] == stats["unique_identifiers"] == len(values)
     # Never more than the account's budget in any 1-second window, all replicas together.
-    assert stats["stream_max_requests_per_1s_window"] <= BUDGET, (steady_from, steady_to, stats)
+    assert stats["stream_max_requests_per_1s_window"] <= BUDGET, sorted(stats["stream_requests_per_second"].items())
     # While the backlog lasted and all three ran, they used at least 90% of it between them.
     per_second = {float(k): n for k, n in stats["stream_requests_per_second"].items()}
     steady = [n for second, n in per_second.items() if steady_from + 1 <= second <= steady_to - 1]
