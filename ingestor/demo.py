@@ -9,6 +9,7 @@ the emulator's event summaries equal what was produced.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sys
@@ -44,8 +45,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bad", type=int, default=40, help="bad events mixed in (default 40)")
     parser.add_argument("--customers", type=int, default=50, help="distinct customers (default 50)")
     parser.add_argument("--partitions", type=int, default=6, help="partitions of the topic (default 6)")
-    parser.add_argument("--session-ttl", type=float, default=10.0, help="emulator session TTL, s (default 10)")
-    parser.add_argument("--rps-budget", type=int, default=2000, help="stream requests/s budget (default 2000)")
+    parser.add_argument("--session-ttl", type=float, default=6.0, help="emulator session TTL, s (default 6)")
+    parser.add_argument("--rps-budget", type=int, default=100, help="stream requests/s budget (default 100)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
 
 
@@ -100,6 +101,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     from ingestor.worker import Worker  # noqa: PLC0415
 
     setup_logging("WARNING", "text")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # start-up chatter while the group forms
     say("starting a local Kafka broker ...")
     with devkafka.LocalKafka() as broker:
         topic, dlq = "usage-events", "usage-events.dlq"
