@@ -2,9 +2,9 @@
 
 Health tells the truth about progress, not just liveness of the event loop:
 
-- `/readyz` fails until the consumer has joined its group and a session token was obtained (Kafka and
-  Stripe reachable), and whenever lag exists but nothing was delivered or committed for
-  INGESTOR_STUCK_AFTER_S.
+- `/readyz` fails until the consumer has joined its group and a session token was obtained, while Kafka
+  does not answer a metadata request (probed every 5 s) or no session token is valid (Stripe unreachable),
+  and whenever lag exists but nothing was delivered or committed for INGESTOR_STUCK_AFTER_S.
 - `/healthz` fails when the worker is wedged: lag exists and nothing was delivered or committed for
   twice INGESTOR_STUCK_AFTER_S (a restart may help), or the main loop stopped.
 """
@@ -65,6 +65,7 @@ class HealthState:
     clock: Callable[[], float] = time.monotonic
     joined: bool = False
     stripe_ok: bool = False
+    kafka_ok: bool = True
     running: bool = True
     last_progress: float = field(default_factory=time.monotonic)
     lag: Callable[[], int] = lambda: 0
@@ -93,8 +94,10 @@ class HealthState:
             return False, "stopping"
         if not self.joined:
             return False, "not a member of the consumer group yet"
+        if not self.kafka_ok:
+            return False, "Kafka unreachable"
         if not self.stripe_ok:
-            return False, "no Stripe session yet"
+            return False, "no valid Stripe session"
         if self.stuck_for() >= self.stuck_after:
             return False, f"lag but no delivery or commit for {self.stuck_for():.0f}s"
         return True, "ok"

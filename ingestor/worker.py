@@ -50,6 +50,8 @@ log = logging.getLogger("ingestor.worker")
 POLL_TIMEOUT_MS = 100
 RESUME_FRACTION = 0.5
 CATALOG_RETRY_S = 5.0
+KAFKA_PROBE_INTERVAL_S = 5.0
+KAFKA_PROBE_TIMEOUT_S = 10.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -233,7 +235,7 @@ class Worker:
     def _spawn_background(self) -> list[asyncio.Task[Any]]:
         assert self.dead_letters is not None
         coros = [self._sender(i) for i in range(self.settings.max_in_flight)]
-        coros += [self._linger_loop(), self._commit_loop(), self.dead_letters.run()]
+        coros += [self._linger_loop(), self._commit_loop(), self._kafka_probe_loop(), self.dead_letters.run()]
         if self.settings.meter_catalog == "stripe":
             coros.append(self._catalog_loop())
         tasks = [asyncio.create_task(c) for c in coros]
@@ -346,6 +348,19 @@ class Worker:
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()
         self.health.progressed()
+
+    async def _kafka_probe_loop(self) -> None:
+        """Readiness needs Kafka reachable: a metadata round trip every few seconds."""
+        while True:
+            try:
+                await asyncio.wait_for(self.consumer.topics(), KAFKA_PROBE_TIMEOUT_S)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                if self.health.kafka_ok:
+                    log.warning("Kafka unreachable", extra={"error": repr(exc)})
+                self.health.kafka_ok = False
+            else:
+                self.health.kafka_ok = True
+            await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
 
     def _observe_health(self) -> None:
         health = self.health
