@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -315,6 +316,7 @@ class BudgetGate:
         self.budget = budget
         self._clock = clock
         self._has_share = asyncio.Event()
+        self._window = SendWindow()
         self._sync_event()
 
     def _sync_event(self) -> None:
@@ -342,14 +344,46 @@ class BudgetGate:
         A caller that wakes up much later than its slot (the process was starved of CPU, the event
         loop was blocked) takes a new slot instead of sending at once: otherwise every caller whose
         slot passed during the stall would send together, a burst the pacing was meant to prevent.
+        Finally the send window makes sure no 1-second window of actual sends exceeds the quota,
+        whatever the scheduler did.
         """
         for _ in range(MAX_RESERVATIONS_PER_ACQUIRE):
             while not self.budget.has_share:
                 await self._has_share.wait()
             delay = self.budget.reserve(self._clock.monotonic())
             if delay <= 0.0:
-                return
+                break
             due = self._clock.monotonic() + delay
             await self._clock.sleep(delay)
             if self._clock.monotonic() - due <= LATE_WAKE_TOLERANCE_S:
-                return
+                break
+        await self._within_window()
+
+    async def _within_window(self) -> None:
+        window = self._window
+        while (wait := window.delay(self._clock.monotonic(), self.budget.quota)) > 0.0:
+            await self._clock.sleep(wait)
+        window.record(self._clock.monotonic())
+
+
+class SendWindow:
+    """The actual send times of the last second: a hard cap of `quota` sends in any 1-second window.
+
+    Pure: callers pass `now`. O(1) amortized per send.
+    """
+
+    def __init__(self, width: float = 1.0) -> None:
+        self.width = width
+        self._sent: deque[float] = deque()
+
+    def delay(self, now: float, quota: int) -> float:
+        """Seconds to wait before one more send keeps every window within `quota` (0: send now)."""
+        sent = self._sent
+        while sent and sent[0] <= now - self.width:
+            sent.popleft()
+        if quota <= 0 or len(sent) < quota:
+            return 0.0
+        return sent[len(sent) - quota] + self.width - now
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)

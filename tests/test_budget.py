@@ -15,6 +15,7 @@ from ingestor.budget import (
     BudgetPolicy,
     NoShareError,
     RequestBudget,
+    SendWindow,
     pacing,
     share_of,
 )
@@ -468,3 +469,21 @@ async def test_gate_callers_waking_late_take_new_slots_instead_of_bursting() -> 
     await asyncio.gather(*tasks)
     late = sent[1:]
     assert late == pytest.approx([2.0, 2.1, 2.2, 2.3])  # paced again, not four at once
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    quota=st.integers(min_value=1, max_value=30),
+    gaps=st.lists(st.floats(min_value=0.0, max_value=0.3), min_size=1, max_size=300),
+)
+def test_send_window_never_lets_a_second_hold_more_than_the_quota(quota: int, gaps: list[float]) -> None:
+    window = SendWindow()
+    now, sends = 0.0, []
+    for gap in gaps:
+        now += gap
+        now += window.delay(now, quota)
+        assert window.delay(now, quota) == 0.0
+        window.record(now)
+        sends.append(now)
+    for i, start in enumerate(sends):
+        assert sum(1 for t in sends[i:] if t < start + 1.0) <= quota
