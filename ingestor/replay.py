@@ -23,7 +23,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -32,7 +31,7 @@ from aiokafka.errors import KafkaError
 
 from ingestor import dlq_format
 from ingestor.errors import REASONS
-from ingestor.settings import SETTINGS, SettingsError
+from ingestor.settings import KafkaConnection, SettingsError, load_kafka
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -57,75 +56,6 @@ class ReplayError(Exception):
 
 
 # --- Kafka connection settings: the worker's KAFKA_* variables only ----------------------------------
-
-
-@dataclass(frozen=True)
-class KafkaConnection:
-    """The worker's Kafka connection settings (`KAFKA_*`), without the rest of its settings."""
-
-    bootstrap_servers: str
-    client_id: str = "ingestor"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = "PLAIN"
-    sasl_username: str = ""
-    sasl_password: str = field(default="", repr=False)
-    sasl_password_file: str = ""
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    ssl_check_hostname: bool = True
-
-    def client_options(self) -> dict[str, Any]:
-        """aiokafka keyword arguments: servers, client id, TLS and SASL."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "client_id": self.client_id,
-            "security_protocol": self.security_protocol,
-        }
-        if "SSL" in self.security_protocol:
-            from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
-
-            context = create_ssl_context(
-                cafile=self.ssl_cafile or None, certfile=self.ssl_certfile or None, keyfile=self.ssl_keyfile or None
-            )
-            context.check_hostname = self.ssl_check_hostname
-            options["ssl_context"] = context
-        if self.security_protocol.startswith("SASL"):
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = self.sasl_password
-        return options
-
-
-def load_kafka(environ: Mapping[str, str], *, bootstrap_servers: str | None = None) -> KafkaConnection:
-    """The `KAFKA_*` settings, parsed by their declarations in `ingestor.settings.SETTINGS`.
-
-    `bootstrap_servers` (the --bootstrap-servers option) replaces KAFKA_BOOTSTRAP_SERVERS.
-    """
-    values: dict[str, Any] = {}
-    for var in SETTINGS:
-        if not var.env.startswith("KAFKA_"):
-            continue
-        raw = environ.get(var.env)
-        if var.field == "bootstrap_servers" and bootstrap_servers:
-            raw = bootstrap_servers
-        if raw is None or (raw.strip() == "" and var.default is not None):
-            if var.default is None:
-                raise SettingsError(f"{var.env} must be set (or --bootstrap-servers given): {var.help}")
-            raw = var.default
-        values[var.field] = var.parse(var.env, raw) if raw != "" else ""
-    if values["sasl_password_file"] and not values["sasl_password"]:
-        values["sasl_password"] = _read_secret("KAFKA_SASL_PASSWORD_FILE", values["sasl_password_file"])
-    if values["security_protocol"].startswith("SASL") and not values["sasl_username"]:
-        raise SettingsError("KAFKA_SASL_USERNAME must be set with KAFKA_SECURITY_PROTOCOL=SASL_*")
-    return KafkaConnection(**values)
-
-
-def _read_secret(env: str, path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise SettingsError(f"{env}: cannot read {path}: {exc.strerror}") from None
 
 
 # --- the pure core: which records to replay, with which headers -------------------------------------

@@ -7,7 +7,7 @@ declaration of every variable: the README table and `ingestor run --help` are ge
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -436,23 +436,51 @@ class Settings:
     def effective_error_report_topic(self) -> str:
         return self.error_report_topic or self.dlq_topic
 
+    @property
+    def kafka(self) -> KafkaConnection:
+        return KafkaConnection(**{f.name: getattr(self, f.name) for f in fields(KafkaConnection)})
+
     def kafka_security(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for TLS and SASL."""
+        return self.kafka.security_options()
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """How to reach Kafka: the `KAFKA_*` settings."""
+
+    bootstrap_servers: str
+    client_id: str = "ingestor"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
+
+    def security_options(self) -> dict[str, Any]:
         """aiokafka keyword arguments for TLS and SASL."""
         options: dict[str, Any] = {"security_protocol": self.security_protocol}
         if "SSL" in self.security_protocol:
             from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
 
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile or None,
-                certfile=self.ssl_certfile or None,
-                keyfile=self.ssl_keyfile or None,
+            context = create_ssl_context(
+                cafile=self.ssl_cafile or None, certfile=self.ssl_certfile or None, keyfile=self.ssl_keyfile or None
             )
-            options["ssl_context"].check_hostname = self.ssl_check_hostname
+            context.check_hostname = self.ssl_check_hostname
+            options["ssl_context"] = context
         if self.security_protocol.startswith("SASL"):
             options["sasl_mechanism"] = self.sasl_mechanism
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password
         return options
+
+    def client_options(self) -> dict[str, Any]:
+        """aiokafka keyword arguments: servers, client id, TLS and SASL."""
+        return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id, **self.security_options()}
 
 
 _SECRET_FIELDS = frozenset({"api_key", "sasl_password", "webhook_secret"})
@@ -497,20 +525,38 @@ def _check(values: dict[str, Any]) -> None:
         raise SettingsError("INGESTOR_DLQ_TOPIC must not be one of INGESTOR_TOPICS")
 
 
+def _value(var: Var, environ: Mapping[str, str], override: str | None = None) -> Any:
+    """One variable's parsed value: `override`, else the environment, else its default."""
+    raw = override or environ.get(var.env)
+    if raw is None or (raw.strip() == "" and var.default is not None):
+        if var.default is None:
+            raise SettingsError(f"{var.env} must be set: {var.help}")
+        raw = var.default
+    return var.parse(var.env, raw) if raw != "" else ""
+
+
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read every setting from `environ` (default: the process environment) or raise SettingsError."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for var in SETTINGS:
-        raw = env.get(var.env)
-        if raw is None or (raw.strip() == "" and var.default is not None):
-            if var.default is None:
-                raise SettingsError(f"{var.env} must be set: {var.help}")
-            raw = var.default
-        values[var.field] = var.parse(var.env, raw) if raw != "" else ""
+    values = {var.field: _value(var, env) for var in SETTINGS}
     _resolve_secrets(values)
     _check(values)
     return Settings(**values)
+
+
+def load_kafka(environ: Mapping[str, str] | None = None, *, bootstrap_servers: str | None = None) -> KafkaConnection:
+    """Only the `KAFKA_*` settings (for tools such as `ingestor dlq replay` that need no Stripe key)."""
+    env = os.environ if environ is None else environ
+    values = {
+        var.field: _value(var, env, bootstrap_servers if var.field == "bootstrap_servers" else None)
+        for var in SETTINGS
+        if var.env.startswith("KAFKA_")
+    }
+    if values["sasl_password_file"] and not values["sasl_password"]:
+        values["sasl_password"] = _read_secret_file("KAFKA_SASL_PASSWORD_FILE", values["sasl_password_file"])
+    if values["security_protocol"].startswith("SASL") and not values["sasl_username"]:
+        raise SettingsError("KAFKA_SASL_USERNAME must be set with KAFKA_SECURITY_PROTOCOL=SASL_*")
+    return KafkaConnection(**values)
 
 
 def describe() -> str:
