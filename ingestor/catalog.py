@@ -140,12 +140,15 @@ async def fetch_from_stripe(
             body = await resp.read()
             if resp.status != 200:
                 raise CatalogError(f"GET /v1/billing/meters answered {resp.status}")
-        page = orjson.loads(body)
-        data = page.get("data") or []
-        meters.extend(meter_from_stripe(obj) for obj in data if obj.get("event_name"))
-        if not page.get("has_more") or not data:
-            break
-        params["starting_after"] = str(data[-1]["id"])
+        try:
+            page = orjson.loads(body)
+            data = page.get("data") or []
+            meters.extend(meter_from_stripe(obj) for obj in data if obj.get("event_name"))
+            if not page.get("has_more") or not data:
+                break
+            params["starting_after"] = str(data[-1]["id"])
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # orjson's error is a ValueError
+            raise CatalogError(f"GET /v1/billing/meters answered an unexpected body ({type(exc).__name__})") from None
     # Two meters may share an event_name (one inactive): prefer the active one.
     meters.sort(key=lambda m: m.active)
     return MeterCatalog(meters, known=True)

@@ -253,3 +253,22 @@ async def test_fetch_from_stripe_follows_pages_and_prefers_active_meters() -> No
 async def test_fetch_from_stripe_refuses_an_error_answer() -> None:
     with pytest.raises(CatalogError, match="401"):
         await fetch_from_stripe(FakeHttp([], status=401), "http://s", "k", "v")  # type: ignore[arg-type]
+
+
+class GarbageHttp:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str]) -> FakeResponse:
+        response = FakeResponse(200, None)
+        response.body = self.body
+        return response
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>oops</html>", b"[]", b'{"data": "x"}', b'{"data": [{"event_name": "e", "customer_mapping": "x"}]}'],
+)
+async def test_fetch_from_stripe_turns_an_unexpected_body_into_a_catalog_error(body: bytes) -> None:
+    with pytest.raises(CatalogError, match="unexpected body"):
+        await fetch_from_stripe(GarbageHttp(body), "http://s", "k", "v")  # type: ignore[arg-type]
