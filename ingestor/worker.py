@@ -36,6 +36,7 @@ from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
 from ingestor.session import SessionManager, create_session
+from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
 from ingestor.webhook import webhook_app
 
@@ -172,6 +173,7 @@ class Worker:
         )
         await self.consumer.start()
         self._exit.push_async_callback(self.consumer.stop)
+        await self._check_topics()
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
 
     async def _start_webhook(self) -> None:
@@ -186,6 +188,20 @@ class Worker:
         )
         runner, self.webhook_port = await start_site(app, s.metrics_host, s.webhook_port)
         self._exit.push_async_callback(runner.cleanup)
+
+    async def _check_topics(self) -> None:
+        """Refuse to start without the dead-letter topic: a bad record would block its partition forever."""
+        s = self.settings
+        existing = await self.consumer.topics()
+        needed = {"INGESTOR_DLQ_TOPIC": s.dlq_topic}
+        if s.webhook_port:
+            needed["INGESTOR_ERROR_REPORT_TOPIC"] = s.effective_error_report_topic
+        for env, topic in needed.items():
+            if topic not in existing:
+                raise SettingsError(f"{env}: topic {topic!r} does not exist on the cluster; create it first")
+        missing = sorted(set(s.topics) - existing)
+        if missing:
+            log.warning("source topics do not exist yet; waiting for them", extra={"topics": missing})
 
     async def _load_catalog(self) -> None:
         s = self.settings

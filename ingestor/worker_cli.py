@@ -48,7 +48,11 @@ def main(args: argparse.Namespace) -> int:
         print(repr(config))
         return 0
     setup_logging(config.log_level, config.log_format)
-    run_async(run_worker(config))
+    try:
+        run_async(run_worker(config))
+    except settings_mod.SettingsError as exc:  # found at start-up, e.g. a missing dead-letter topic
+        print(f"ingestor: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

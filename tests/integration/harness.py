@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from ingestor import settings as settings_mod
+from ingestor.devkafka import create_topic
 from ingestor.worker import Worker
 
 if TYPE_CHECKING:
@@ -49,9 +50,22 @@ def worker_env(bootstrap: str, topic: str, emu_url: str, **overrides: str) -> di
     return env
 
 
+async def ensure_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """Create `topic` unless it exists (the worker refuses to start without its dead-letter topic)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        existing = await consumer.topics()
+    finally:
+        await consumer.stop()
+    if topic not in existing:
+        await create_topic(bootstrap, topic, partitions)
+
+
 @contextlib.asynccontextmanager
 async def running_worker(env: dict[str, str]) -> AsyncIterator[Worker]:
     """A worker in this process and loop; stopped (drained) on exit."""
+    await ensure_topic(env["KAFKA_BOOTSTRAP_SERVERS"], env["INGESTOR_DLQ_TOPIC"])
     worker = Worker(settings_mod.load(env))
     async with worker:
         task = asyncio.create_task(worker.run())

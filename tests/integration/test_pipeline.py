@@ -10,8 +10,10 @@ from collections import Counter
 import orjson
 import pytest
 
+from ingestor import settings
 from ingestor.devkafka import committed_offsets, produce
 from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor.worker import Worker
 from tests.integration.harness import (
     StripeApi,
     end_offsets,
@@ -88,3 +90,13 @@ async def test_fifty_thousand_events_over_six_partitions_are_billed_exactly_once
         assert stats["unique_identifiers"] == len(values)
         assert stats["max_events_per_request"] <= 100
         await assert_totals(api, meter_ids, totals)
+
+
+async def test_the_worker_refuses_to_start_without_its_dead_letter_topic(kafka_bootstrap, topic_factory):
+    topic = await topic_factory(1, "nodlq")
+    async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
+        env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_METER_CATALOG="off")
+        worker = Worker(settings.load(env))
+        with pytest.raises(settings.SettingsError, match="INGESTOR_DLQ_TOPIC"):
+            async with worker:
+                pass

@@ -10,7 +10,14 @@ import pytest
 
 from ingestor.devkafka import produce
 from ingestor.emulator import Emulator, EmulatorConfig
-from tests.integration.harness import StripeApi, start_worker_process, stop_process, wait_for, worker_env
+from tests.integration.harness import (
+    StripeApi,
+    ensure_topic,
+    start_worker_process,
+    stop_process,
+    wait_for,
+    worker_env,
+)
 from tests.integration.test_pipeline import assert_committed_to_end, assert_totals, create_meters, usage
 
 pytestmark = pytest.mark.kafka
@@ -29,6 +36,7 @@ async def test_three_replicas_share_one_budget_and_survive_a_kill(kafka_bootstra
         env = worker_env(
             kafka_bootstrap, topic, emu.url, INGESTOR_RPS_BUDGET=str(BUDGET), INGESTOR_BATCH_MAX_EVENTS="4"
         )
+        await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
         procs = [start_worker_process(env, str(tmp_path / f"worker-{i}.log")) for i in range(3)]
         try:
             # Let the group settle (every replica owns two partitions), then measure a steady stretch.

@@ -12,6 +12,7 @@ from ingestor.devkafka import committed_offsets, produce
 from ingestor.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
+    ensure_topic,
     running_worker,
     start_worker_process,
     stop_process,
@@ -91,6 +92,7 @@ async def test_sigkill_mid_run_then_restart_bills_every_event_once(kafka_bootstr
         meter_ids = await create_meters(api)
         env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_RPS_BUDGET="150", INGESTOR_COMMIT_INTERVAL_MS="500")
         log = str(tmp_path / "worker.log")
+        await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
         first = start_worker_process(env, log)
         try:
             await wait_for(lambda: accepted_at_least(api, 10_000), 60, "the first worker to deliver")
@@ -121,6 +123,7 @@ async def test_sigterm_mid_run_drains_commits_and_exits_zero(kafka_bootstrap, to
         env = worker_env(
             kafka_bootstrap, topic, emu.url, INGESTOR_RPS_BUDGET="100", INGESTOR_DRAIN_TIMEOUT_S=str(drain)
         )
+        await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
         proc = start_worker_process(env, str(tmp_path / "worker.log"))
         try:
             await wait_for(lambda: accepted_at_least(api, 5_000), 60, "the worker to deliver")
