@@ -51,7 +51,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ingestor.worker_cli import run_async  # noqa: PLC0415
+    from ingestor.runtime import run_async  # noqa: PLC0415
 
     result: list[int] = []
 

@@ -7,13 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
 
 from ingestor import settings as settings_mod
 from ingestor.observability import setup_logging
-
-if TYPE_CHECKING:
-    from collections.abc import Coroutine
+from ingestor.runtime import run_async, tune_gc
 
 log = logging.getLogger("ingestor")
 
@@ -28,6 +25,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 async def run_worker(config: settings_mod.Settings) -> None:
     from ingestor.worker import Worker  # noqa: PLC0415 - keep `--help` fast
+
+    tune_gc()  # after the imports, so that they are frozen too
 
     loop = asyncio.get_running_loop()
     async with Worker(config) as worker:
@@ -54,13 +53,3 @@ def main(args: argparse.Namespace) -> int:
         print(f"ingestor: configuration error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def run_async(main_coro: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when it is installed."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-    except ImportError:  # pragma: no cover
-        asyncio.run(main_coro)
-    else:
-        uvloop.run(main_coro)

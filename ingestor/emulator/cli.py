@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
@@ -18,14 +17,10 @@ from ingestor.emulator.config import EmulatorConfig
 from ingestor.emulator.faults import faults_from_json
 from ingestor.emulator.limits import DEFAULT_SESSION_TTL_S, DEFAULT_VALIDATION_INTERVAL_S, MAX_BODY_BYTES
 from ingestor.emulator.server import Emulator
+from ingestor.runtime import tune_gc
 
 if TYPE_CHECKING:
     import argparse
-
-
-GC_THRESHOLD_0 = 100_000
-GC_THRESHOLD_1 = 50
-GC_THRESHOLD_2 = 1000
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -107,18 +102,6 @@ def _loop_factory() -> Any:
 
         return uvloop.new_event_loop
     return None
-
-
-def tune_gc() -> None:
-    """Make the collector cheap for this process's allocation pattern.
-
-    Each stream request allocates a few hundred short-lived containers, and the state keeps
-    millions of identifiers in one set that every full collection walks. Freezing start-up objects
-    and raising the thresholds keeps collections rare and small (the emulator makes few cycles).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD_0, GC_THRESHOLD_1, GC_THRESHOLD_2)
 
 
 def main(args: argparse.Namespace) -> int:
