@@ -322,7 +322,7 @@ def _identifier(draw: st.DrawFn, event: dict[str, Any]) -> None:
     event["identifier"] = draw(
         st.builds(Uid, _TEXT)
         | st.sampled_from(["", "i" * 101])
-        | st.integers()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what JSON encoders write
         | st.none()
         | st.builds(Uid, st.just("z" * 95))
     )

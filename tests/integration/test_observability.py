@@ -169,3 +169,32 @@ async def test_a_stuck_worker_fails_readiness_then_liveness_and_recovers(kafka_b
 
 async def _accepted(api: StripeApi, n: int) -> bool:
     return (await api.stats())["events_accepted"] >= n
+
+
+@pytest.mark.timeout(90)
+async def test_session_refresh_failures_are_counted_and_rotation_recovers(kafka_bootstrap, topic_factory):
+    topic = await topic_factory(1, "refresh")
+    async with Emulator(EmulatorConfig(session_ttl=3.0, stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
+        api = StripeApi(emu.url)
+        await create_meters(api)
+        env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_SESSION_REFRESH_MARGIN_S="1")
+        async with running_worker(env) as worker:
+            port = worker.metrics_port
+            assert worker.sessions is not None
+            await wait_for(lambda: _has_rotated(worker, 1), 20, "the first session")
+            # Every API call fails for a while (the session endpoint included), then Stripe recovers.
+            await api.set_faults(error_no_header=1.0, error_status=503, scope="all", max_faults=6)
+
+            async def failed() -> bool:
+                return total(await scrape(port), "ingestor_session_refresh_failures_total") > 0
+
+            await wait_for(failed, 30, "a failed session refresh to be counted")
+            rotations = worker.sessions.rotations_total
+            await wait_for(lambda: _has_rotated(worker, rotations + 1), 30, "rotation to recover")
+            m = await scrape(port)
+    assert total(m, "ingestor_session_refresh_failures_total") > 0
+    assert total(m, "ingestor_session_expiry_seconds") > 0
+
+
+async def _has_rotated(worker, n: int) -> bool:
+    return worker.sessions is not None and worker.sessions.rotations_total >= n

@@ -72,9 +72,17 @@ async def test_budget_of_200_requests_per_second_is_respected_and_used(kafka_boo
         api = StripeApi(emu.url)
         await create_meters(api)
         env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_RPS_BUDGET="200", INGESTOR_BATCH_MAX_EVENTS="2")
-        async with running_worker(env):
+        async with running_worker(env) as worker:
+            await asyncio.sleep(12)  # well into the backlog: the budget, not the worker, is the limit
+            saturated_midway = worker.budget.saturated(worker.clock.monotonic())
+            utilization_midway = worker.budget.utilization(worker.clock.monotonic())
             await wait_for(lambda: accepted_at_least(api, len(values)), 90, "every event accepted")
+            waited = worker.budget.waited_seconds_total
         stats = await api.stats()
+    # The budget metrics say so: saturated, fully used, requests waiting for their slots.
+    assert saturated_midway
+    assert utilization_midway >= 0.9
+    assert waited > 0
     per_second = sorted(stats["stream_requests_per_second"].items(), key=lambda kv: float(kv[0]))
     assert stats["stream_max_requests_per_1s_window"] <= 200
     # Full seconds while the backlog lasted (drop the first and the last, partial ones).
