@@ -44,32 +44,29 @@ def _str(name: str, raw: str) -> str:
     return raw.strip()
 
 
-def _int_range(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
+def _ranged(convert: Callable[[str], Any], what: str, lo: float, hi: float | None) -> Callable[[str, str], Any]:
+    """A parser for a number in [lo, hi] (NaN fails the comparison, so it is refused too)."""
+
+    def parse(name: str, raw: str) -> Any:
+        text = raw.strip()
         try:
-            value = int(raw.strip())
+            value = convert(text)
         except ValueError:
-            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-        if value < lo or (hi is not None and value > hi):
+            raise SettingsError(f"{name} must be {what}, got {raw!r}") from None
+        if not (value >= lo and (hi is None or value <= hi)):
             bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise SettingsError(f"{name} must be {bound}, got {value}")
+            raise SettingsError(f"{name} must be {bound}, got {text}")
         return value
 
     return parse
+
+
+def _int_range(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    return _ranged(int, "an integer", lo, hi)
 
 
 def _float_range(lo: float, hi: float | None = None) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-        if not (value >= lo and (hi is None or value <= hi)):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise SettingsError(f"{name} must be {bound}, got {raw!r}")
-        return value
-
-    return parse
+    return _ranged(float, "a number", lo, hi)
 
 
 def _bool(name: str, raw: str) -> bool:
