@@ -4,7 +4,8 @@ Health tells the truth about progress, not just liveness of the event loop:
 
 - `/readyz` fails until the consumer has joined its group and a session token was obtained, while Kafka
   does not answer a metadata request (probed every 5 s) or no session token is valid (Stripe unreachable),
-  and whenever lag exists but nothing was delivered or committed for INGESTOR_STUCK_AFTER_S.
+  whenever lag exists but nothing was delivered or committed for INGESTOR_STUCK_AFTER_S, and while one
+  partition's commit has not moved for INGESTOR_STUCK_AFTER_S with records pending (the others may flow).
 - `/healthz` fails when the worker is wedged: lag exists and nothing was delivered or committed for
   twice INGESTOR_STUCK_AFTER_S (a restart may help), or the main loop stopped.
 """
@@ -22,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from ingestor.metrics import Metrics
 
@@ -69,6 +70,8 @@ class HealthState:
     running: bool = True
     last_progress: float = field(default_factory=time.monotonic)
     lag: Callable[[], int] = lambda: 0
+    #: the partition stalled longest ("topic/partition", seconds), or None
+    stalled_partition: Callable[[], tuple[str, float] | None] = lambda: None
 
     def progressed(self) -> None:
         self.last_progress = self.clock()
@@ -90,17 +93,23 @@ class HealthState:
         return now - max(self.last_progress, self.lag_since)
 
     def readiness(self) -> tuple[bool, str]:
-        if not self.running:
-            return False, "stopping"
-        if not self.joined:
-            return False, "not a member of the consumer group yet"
-        if not self.kafka_ok:
-            return False, "Kafka unreachable"
-        if not self.stripe_ok:
-            return False, "no valid Stripe session"
-        if self.stuck_for() >= self.stuck_after:
-            return False, f"lag but no delivery or commit for {self.stuck_for():.0f}s"
+        for failing, reason in self._readiness_checks():
+            if failing:
+                return False, reason
         return True, "ok"
+
+    def _readiness_checks(self) -> Iterator[tuple[bool, str]]:
+        """(failing, why) for each condition in order; evaluated lazily, first failure wins."""
+        yield not self.running, "stopping"
+        yield not self.joined, "not a member of the consumer group yet"
+        yield not self.kafka_ok, "Kafka unreachable"
+        yield not self.stripe_ok, "no valid Stripe session"
+        stuck = self.stuck_for()
+        yield stuck >= self.stuck_after, f"lag but no delivery or commit for {stuck:.0f}s"
+        stalled = self.stalled_partition()
+        if stalled is not None:
+            name, seconds = stalled
+            yield seconds >= self.stuck_after, f"partition {name} has records pending and no commit for {seconds:.0f}s"
 
     def liveness(self) -> tuple[bool, str]:
         if self.stuck_for() >= 2 * self.stuck_after:

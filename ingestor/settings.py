@@ -263,6 +263,14 @@ SETTINGS: tuple[Var, ...] = (
         _int_range(100),
     ),
     Var(
+        "INGESTOR_MAX_PARTITION_AHEAD",
+        "max_partition_ahead",
+        "50000",
+        "Records a partition may run ahead of its oldest unfinished record before that partition alone is "
+        "paused (bounds what a restart would resend).",
+        _int_range(100),
+    ),
+    Var(
         "INGESTOR_FETCH_MAX_RECORDS",
         "fetch_max_records",
         "10000",
@@ -298,6 +306,14 @@ SETTINGS: tuple[Var, ...] = (
         "Dead-letter an event (retries_exhausted) once it has been retried this long; 0: retry transient "
         "failures forever (they alert instead).",
         _float_range(0.0),
+    ),
+    Var(
+        "INGESTOR_DLQ_TRANSACTIONAL",
+        "dlq_transactional",
+        "true",
+        "Write dead-letter records and commit the offsets past them in one Kafka transaction per partition "
+        "(exactly once for read_committed readers); false: an idempotent producer (at least once).",
+        _bool,
     ),
     # Offsets, shutdown, health
     Var(
@@ -397,12 +413,14 @@ class Settings:
     linger_ms: int
     max_in_flight: int
     max_buffered_events: int
+    max_partition_ahead: int
     fetch_max_records: int
     max_record_bytes: int
     request_timeout_s: float
     retry_base_s: float
     retry_max_s: float
     retry_deadline_s: float
+    dlq_transactional: bool
     commit_interval_ms: int
     drain_timeout_s: float
     stuck_after_s: float

@@ -87,7 +87,8 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: s
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    """The last stable offsets (read_committed): transactional writes in progress are not counted in."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -101,9 +102,15 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 async def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
-    """Every record currently in `topic` (reads up to the end offsets taken at the start)."""
+    """Every committed record currently in `topic`, as a `read_committed` reader sees them (reads up to the
+    end offsets taken at the start; aborted transactional writes and transaction markers are not records)."""
     ends = await end_offsets(bootstrap, topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
     await consumer.start()
     out: list[Any] = []
     try:
