@@ -104,12 +104,12 @@ class HealthState:
         yield not self.joined, "not a member of the consumer group yet"
         yield not self.kafka_ok, "Kafka unreachable"
         yield not self.stripe_ok, "no valid Stripe session"
-        stuck = self.stuck_for()
-        yield stuck >= self.stuck_after, f"lag but no delivery or commit for {stuck:.0f}s"
-        stalled = self.stalled_partition()
+        stalled = self.stalled_partition()  # before the worker-wide check: it names the partition
         if stalled is not None:
             name, seconds = stalled
             yield seconds >= self.stuck_after, f"partition {name} has records pending and no commit for {seconds:.0f}s"
+        stuck = self.stuck_for()
+        yield stuck >= self.stuck_after, f"lag but no delivery or commit for {stuck:.0f}s"
 
     def liveness(self) -> tuple[bool, str]:
         if self.stuck_for() >= 2 * self.stuck_after:
