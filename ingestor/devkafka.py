@@ -15,7 +15,8 @@ Library::
         await produce(kafka.bootstrap, "events", [b"a", b"b"])
 
 Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092] [--secure]`` (detached, recorded
-in a state file under the cache directory), ``down``, ``status`` and ``env MODE``.
+in a state file under the cache directory), ``down``, ``status`` and ``env MODE`` (the worker's
+``KAFKA_*`` settings for a mode, as shell ``export`` lines: ``eval "$(ingestor kafka env mtls)"``).
 
 Secure listeners (``LocalKafka(secure=True)``, ``ingestor kafka up --secure``): besides PLAINTEXT, the
 same broker listens with every security mode the worker supports, on ports of their own, so that one
@@ -45,6 +46,7 @@ import itertools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -871,6 +873,8 @@ class BrokerState:
     bootstrap: str
     data_dir: str
     version: str
+    #: ``up --secure`` only: mode -> the worker's ``KAFKA_*`` settings for it (no password: a file).
+    secure_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> BrokerState | None:
@@ -916,8 +920,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     up = actions.add_parser("up", help="start a broker in the background and wait until it is ready")
     up.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help="port on 127.0.0.1 (default: %(default)s)")
     up.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for readiness")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="also listen with TLS, SASL and mutual TLS on other ports (see `ingestor kafka env`)",
+    )
     actions.add_parser("down", help="stop the broker started by `up` (nothing to do is not an error)")
     actions.add_parser("status", help="say whether the broker started by `up` runs (exit 1 if not)")
+    env = actions.add_parser(
+        "env", help="print the KAFKA_* settings to reach the broker started by `up --secure` in MODE"
+    )
+    env.add_argument("mode", choices=["plaintext", *SECURE_MODES], metavar="MODE", help=", ".join(SECURE_MODES))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -926,6 +939,7 @@ def main(args: argparse.Namespace) -> int:
         "up": _cli_up,
         "down": _cli_down,
         "status": _cli_status,
+        "env": _cli_env,
     }
     try:
         return actions[args.kafka_action](args)
@@ -948,18 +962,22 @@ def _cli_up(args: argparse.Namespace) -> int:
     _forget(state)
     data_dir = cache_dir() / "run" / f"broker-{args.port}"
     shutil.rmtree(data_dir, ignore_errors=True)
-    broker = LocalKafka(args.port, data_dir)
+    broker = LocalKafka(args.port, data_dir, secure=args.secure)
     started = time.monotonic()
     try:
         broker.start(args.timeout)
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version)
+    secure_env = {mode: broker.secure.client_env(mode) for mode in SECURE_MODES} if args.secure else {}
+    state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version, secure_env)
     state.save()
     took = time.monotonic() - started
     where = f"pid {state.pid}, log {broker.log_path}"
     print(f"Kafka {state.version} is up at {state.bootstrap} in {took:.1f} s ({where})", file=sys.stderr)
+    if state.secure_env:
+        ports = ", ".join(f"{mode} {env['KAFKA_BOOTSTRAP_SERVERS']}" for mode, env in state.secure_env.items())
+        print(f"secure listeners: {ports}; settings: `ingestor kafka env MODE`", file=sys.stderr)
     print(state.bootstrap)
     return 0
 
@@ -991,6 +1009,24 @@ def _cli_status(_: argparse.Namespace) -> int:
     ready = asyncio.run(probe(state.bootstrap))
     print(f"Kafka {state.version} at {state.bootstrap} (pid {state.pid}): {'ready' if ready else 'not answering'}")
     return 0 if ready else 1
+
+
+def _cli_env(args: argparse.Namespace) -> int:
+    state = BrokerState.load()
+    if state is None or not state.is_running():
+        print("no local Kafka broker is running; start one with `ingestor kafka up --secure`", file=sys.stderr)
+        return 1
+    if args.mode == "plaintext":
+        env = {"KAFKA_BOOTSTRAP_SERVERS": state.bootstrap, "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+    elif args.mode in state.secure_env:
+        env = state.secure_env[args.mode]
+    else:
+        print(
+            "the running broker has no secure listeners; restart it with `ingestor kafka up --secure`", file=sys.stderr
+        )
+        return 1
+    print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items()))
+    return 0
 
 
 def _forget(state: BrokerState | None) -> None:

@@ -20,6 +20,7 @@ A broker that cannot be reached at all is not judged here: the worker's usual st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ingestor.settings import KafkaConnection
 
 CHECK_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 5.0
 #: OpenSSL's verification codes for a certificate that is valid, but for another host or address.
 _NAME_MISMATCH_CODES = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
@@ -98,7 +100,8 @@ async def _try_server(
         return False
     except (OSError, TimeoutError):
         return False
-    conn.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)  # the socket is closed once this resolves
     return True
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ingestor import kafka_preflight, settings
-from ingestor.devkafka import SECURE_MODES, LocalKafka, create_topic, produce
+from ingestor.devkafka import SECURE_MODES, LocalKafka, create_topic, free_port, produce
 from ingestor.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
@@ -36,7 +36,6 @@ from tests.integration.test_pipeline import assert_totals, create_meters, usage
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
     from ingestor.devkafka import SecureListeners
 
@@ -184,8 +183,6 @@ async def test_a_certificate_for_another_host_is_accepted_only_when_host_names_a
     await kafka_preflight.check(settings.load_kafka({**env, "KAFKA_SSL_CHECK_HOSTNAME": "false"}))
 
 
-async def test_an_unreachable_broker_is_left_to_the_clients_to_report(tmp_path: Path):
-    from ingestor.devkafka import free_port
-
+async def test_an_unreachable_broker_is_left_to_the_clients_to_report():
     # Nothing listens there: the check neither judges nor hangs; the clients' own retries report it.
     await kafka_preflight.check(settings.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}))
