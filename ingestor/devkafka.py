@@ -23,8 +23,8 @@ same broker listens with every security mode the worker supports, on ports of th
 broker serves every mode (see ``SECURE_MODES`` and ``client_env``):
 
 - ``SSL``: TLS; the broker's certificate is signed by a CA generated for this broker (``openssl``).
-- ``SASL_SSL``: TLS + SCRAM-SHA-256 and SCRAM-SHA-512; the user is created in the cluster's metadata
-  when the storage is formatted (``kafka-storage format --add-scram``), before the broker starts.
+- ``SASL_SSL``: TLS + SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN; the SCRAM user is created in the cluster's
+  metadata when the storage is formatted (``kafka-storage format --add-scram``), before the broker starts.
 - ``SASL_PLAINTEXT``: PLAIN (user and password in the broker's JAAS configuration).
 - ``MTLS``: TLS that requires a client certificate signed by the same CA.
 - ``WRONG_HOST``: TLS with a certificate for another host name (``kafka.invalid``), to test
@@ -485,6 +485,7 @@ SECURE_MODES: dict[str, tuple[str, str]] = {
     "ssl": ("SSL", ""),
     "sasl-ssl-scram-sha-256": ("SASL_SSL", "SCRAM-SHA-256"),
     "sasl-ssl-scram-sha-512": ("SASL_SSL", "SCRAM-SHA-512"),
+    "sasl-ssl-plain": ("SASL_SSL", "PLAIN"),
     "sasl-plaintext-plain": ("SASL_PLAINTEXT", "PLAIN"),
     "mtls": ("MTLS", ""),
 }
@@ -637,9 +638,10 @@ class SecureListeners:
             "ssl.client.auth": "none",
             "listener.name.mtls.ssl.client.auth": "required",
             "listener.name.wrong_host.ssl.keystore.location": str(tls.wrong_host_keystore),
-            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN",
             "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
             "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
             "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain,
         }

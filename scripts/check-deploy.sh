@@ -176,6 +176,7 @@ must_fail "a SASL password in config" --set config.KAFKA_SASL_PASSWORD=x
 must_fail "a chart-managed variable in config" --set config.INGESTOR_DRAIN_TIMEOUT_S=10
 must_fail "an unknown variable in config" --set config.INGESTOR_NO_SUCH_SETTING=1
 must_fail "an unknown top-level value" --set noSuchValue=1
+must_fail "SASL without the password Secret" --set config.KAFKA_SECURITY_PROTOCOL=SASL_SSL
 must_fail "more replicas than partitions" \
   --set autoscaling.keda.enabled=true --set autoscaling.keda.partitionCount=4 --set autoscaling.keda.maxReplicaCount=8
 

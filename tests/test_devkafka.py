@@ -285,7 +285,7 @@ def test_secure_broker_settings_give_each_listener_its_mode(tmp_path: Path) -> N
     ]
     assert props["listener.name.mtls.ssl.client.auth"] == "required"
     assert props["ssl.client.auth"] == "none"
-    assert props["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-256,SCRAM-SHA-512"
+    assert props["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN"
     assert props["inter.broker.listener.name"] == "PLAINTEXT"
     assert "SASL_SSL://127.0.0.1:10001" in props["advertised.listeners"]
     assert listeners.storage_arguments() == [
