@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "ingestor"
 TOOLS_BIN = Path(os.environ.get("INGESTOR_TOOLS_CACHE") or "~/.cache/ingestor/tools").expanduser() / "bin"
 PASSWORD = "not-a-real-password-0123"
+#: The Kubernetes version scripts/check-deploy.sh renders for (the chart needs >= 1.25).
+KUBE_VERSION = "1.33.0"
 BASE_CONFIG = {
     "KAFKA_BOOTSTRAP_SERVERS": "kafka-0.kafka:9093",
     "INGESTOR_TOPICS": "usage-events",
@@ -88,11 +90,15 @@ def helm_binary() -> str:
     pytest.fail("helm is missing: run `bash scripts/check-deploy.sh` once (it builds helm into the tools cache)")
 
 
+def kube_args(values_file: Path) -> list[str]:
+    return ["--values", str(values_file), "--kube-version", KUBE_VERSION]
+
+
 def render(values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     done = subprocess.run(
-        [helm_binary(), "template", "ingestor", str(CHART), "--namespace", "billing", "--values", str(values_file)],
+        [helm_binary(), "template", "ingestor", str(CHART), "--namespace", "billing", *kube_args(values_file)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -188,7 +194,16 @@ def test_sasl_without_the_password_secret_is_refused_at_render(tmp_path: Path) -
     )
 
     done = subprocess.run(
-        [helm_binary(), "template", "ingestor", str(CHART), "--values", str(values_file)],
+        [
+            helm_binary(),
+            "template",
+            "ingestor",
+            str(CHART),
+            "--values",
+            str(values_file),
+            "--kube-version",
+            KUBE_VERSION,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
