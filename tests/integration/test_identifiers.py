@@ -30,15 +30,19 @@ CUSTOMER = "cus_two_clusters"
 EVENTS = 120
 
 
-async def produce_events(bootstrap: str, topic: str, amounts: list[int], *, timestamp_ms: int | None = None) -> None:
-    """Events without identifier, in order on partition 0."""
+async def produce_events(
+    bootstrap: str, topic: str, amounts: list[int], *, timestamp_ms: int | None = None, partition: int = 0
+) -> None:
+    """Events without identifier, in order on one partition."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         sends = []
         for amount in amounts:
             event = {"event_name": METER, "payload": {"stripe_customer_id": CUSTOMER, "value": str(amount)}}
-            sends.append(await producer.send(topic, orjson.dumps(event), partition=0, timestamp_ms=timestamp_ms))
+            sends.append(
+                await producer.send(topic, orjson.dumps(event), partition=partition, timestamp_ms=timestamp_ms)
+            )
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
