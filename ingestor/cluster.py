@@ -49,12 +49,14 @@ def identifier_namespace(configured: str, cluster_id: str | None) -> str:
 
 
 async def describe(client_options: dict[str, Any], topics: Iterable[str]) -> ClusterInfo:
-    """The cluster id and the partitions of `topics` that exist."""
+    """The cluster id and the partitions of `topics` that exist (a missing topic is not created)."""
     admin = AIOKafkaAdminClient(**client_options)
     await admin.start()
     try:
         cluster = await admin.describe_cluster()
-        described = await admin.describe_topics(list(topics))
+        existing = set(await admin.list_topics()).intersection(topics)
+        # Only existing topics: a metadata request naming a missing one may create it (auto.create.topics).
+        described = await admin.describe_topics(sorted(existing)) if existing else []
     finally:
         await admin.close()
     partitions = {
