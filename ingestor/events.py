@@ -8,9 +8,13 @@ the record value is a UTF-8 JSON object `{"event_name", "payload", "identifier"?
   RFC 3339 UTC with milliseconds. When absent, the record's Kafka timestamp is used, so a redelivered
   record keeps the time it was produced.
 - When `identifier` is absent, the `ingestor.identifier` header is used if present (set by
-  `ingestor dlq replay`), else one is derived from the record's coordinates: `kafka-<topic>-<partition>-<offset>`
-  (the topic replaced by a hash when that would exceed 100 characters). A redelivery after a crash
-  carries the same identifier, and Stripe counts it once.
+  `ingestor dlq replay`), else one is derived from the record's coordinates within a namespace unique to
+  the Kafka cluster (INGESTOR_IDENTIFIER_NAMESPACE, by default the cluster id):
+  `kafka-<namespace>.<topic>-<partition>-<offset>` (the topic replaced by a hash when that would exceed
+  100 characters). A redelivery after a crash carries the same identifier, and Stripe counts it once; the
+  same coordinates on another cluster give another identifier.
+- `Decoder.identifier_of` gives a rejected record the identifier its event would have been billed with,
+  by the same rules, so that its dead-letter record, replayed any number of times, is billed once.
 
 `Decoder.decode` works on a whole poll of one partition; its loop is the hot path: no allocation beyond
 the parsed dict, which is reused as the outgoing event.
@@ -74,12 +78,17 @@ class Record(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-def identifier_prefix(topic: str, partition: int) -> str:
-    """The derived identifier's prefix; the offset follows. Never longer than 100 characters in all."""
-    prefix = f"kafka-{topic}-{partition}-"
+def identifier_prefix(topic: str, partition: int, namespace: str = "") -> str:
+    """The derived identifier's prefix; the offset follows. Never longer than 100 characters in all.
+
+    `kafka-<namespace>.<topic>-<partition>-`: a namespace has no `.` (see settings), so it ends at the first
+    one whatever the topic's name. Without a namespace (earlier versions): `kafka-<topic>-<partition>-`.
+    """
+    scope = f"{namespace}." if namespace else ""
+    prefix = f"kafka-{scope}{topic}-{partition}-"
     if len(prefix) + 20 > MAX_IDENTIFIER_CHARS:
         digest = hashlib.sha256(topic.encode()).hexdigest()[:24]
-        prefix = f"kafka-{digest}-{partition}-"
+        prefix = f"kafka-{scope}{digest}-{partition}-"
     return prefix
 
 
@@ -125,9 +134,10 @@ def _stringify_payload(payload: dict[str, Any]) -> None:
 class Decoder:
     """Turns records into stream events. Holds caches; one per worker."""
 
-    def __init__(self, catalog: MeterCatalog, *, max_record_bytes: int) -> None:
+    def __init__(self, catalog: MeterCatalog, *, max_record_bytes: int, namespace: str = "") -> None:
         self.catalog = catalog
         self.max_record_bytes = max_record_bytes
+        self.namespace = namespace
         self._ts_cache: dict[str, tuple[float, str]] = {}
         #: `YYYY-MM-DDTHH:MM:SS` + zone -> unix milliseconds of that second (see `_millisecond_form`)
         self._second_ms: dict[str, int] = {}
@@ -146,7 +156,7 @@ class Decoder:
             return events, sources, rejected
         first = records[0]
         key = (first.topic, first.partition)
-        prefix = self._prefixes.get(key) or self._prefixes.setdefault(key, identifier_prefix(*key))
+        prefix = self._prefixes.get(key) or self._prefix(*key)
         lowest, highest = now - PAST_WINDOW_S, now + FUTURE_WINDOW_S
         loads, max_bytes, lookup = orjson.loads, self.max_record_bytes, self.catalog.lookup
         # Per poll: meters already looked up (the catalog does not change during a synchronous poll),
@@ -233,6 +243,27 @@ class Decoder:
                 append_source(record)
         return events, sources, rejected
 
+    def _prefix(self, topic: str, partition: int) -> str:
+        prefix = self._prefixes.get((topic, partition))
+        if prefix is None:
+            prefix = self._prefixes[topic, partition] = identifier_prefix(topic, partition, self.namespace)
+        return prefix
+
+    def identifier_of(self, record: Record) -> str:
+        """The identifier `record`'s event is billed with, for a rejected record ("" when it can have none).
+
+        The producer's `identifier` when the value is a JSON object that has one, else the record's
+        `ingestor.identifier` header, else the one derived from its coordinates: as `decode` decides.
+        Rejections are rare: the value is parsed again here rather than slowing the hot loop.
+        """
+        identifier = _given_identifier(record.value)
+        if identifier is None:
+            carried = record.headers and _header(record, dlq_format.IDENTIFIER)
+            identifier = carried or f"{self._prefix(record.topic, record.partition)}{record.offset}"
+        if type(identifier) is not str or not 0 < len(identifier) <= MAX_IDENTIFIER_CHARS:
+            return ""
+        return identifier
+
     def _fill_optional(self, event: dict[str, Any], record: Record, prefix: str, lowest: float, highest: float) -> None:
         """Identifier and timestamp when the producer gave either."""
         identifier = event.get("identifier")
@@ -311,6 +342,17 @@ class Decoder:
             self._ts_cache.clear()
         hit = self._ts_cache[raw] = (seconds, format_ms(round(seconds * 1000)))
         return hit
+
+
+def _given_identifier(value: bytes | None) -> object:
+    """The value's `identifier` field, if the value is a JSON object (None otherwise)."""
+    if value is None:
+        return None
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return event.get("identifier") if type(event) is dict else None
 
 
 def _header(record: Record, name: str) -> str | None:

@@ -7,6 +7,7 @@ declaration of every variable: the README table and `ingestor run --help` are ge
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,6 +103,18 @@ def _url(name: str, raw: str) -> str:
     return value
 
 
+#: An identifier namespace: the characters of a Kafka cluster id, no `.` (it ends the namespace in an
+#: identifier), short enough that a derived identifier stays within 100 characters.
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
+
+
+def _namespace(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and _NAMESPACE.fullmatch(value) is None:
+        raise SettingsError(f"{name} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' and '-', got {raw!r}")
+    return value
+
+
 def _optional_int(lo: int) -> Callable[[str, str], int | None]:
     inner = _int_range(lo)
 
@@ -140,9 +153,19 @@ SETTINGS: tuple[Var, ...] = (
     Var(
         "INGESTOR_AUTO_OFFSET_RESET",
         "auto_offset_reset",
-        "earliest",
-        "Where a new consumer group starts: earliest or latest.",
-        _choice("earliest", "latest"),
+        "safe",
+        "Where a partition with no committed offset starts: safe (earliest, but refuse to start when it holds "
+        "records older than 23 hours, which would be billed again), earliest (bill its history) or latest "
+        "(skip it).",
+        _choice("safe", "earliest", "latest"),
+    ),
+    Var(
+        "INGESTOR_IDENTIFIER_NAMESPACE",
+        "identifier_namespace",
+        "",
+        "Namespace of derived identifiers (kafka-NAMESPACE.TOPIC-PARTITION-OFFSET), unique per Kafka cluster; "
+        "empty: the cluster id.",
+        _namespace,
     ),
     Var(
         "KAFKA_SECURITY_PROTOCOL",
@@ -388,6 +411,7 @@ class Settings:
     error_report_topic: str
     client_id: str
     auto_offset_reset: str
+    identifier_namespace: str
     security_protocol: str
     sasl_mechanism: str
     sasl_username: str

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from ingestor import catalog as catalog_mod
+from ingestor import cluster, offset_reset
 from ingestor.batching import Batch, Batcher
 from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
 from ingestor.clock import SYSTEM_CLOCK, Clock
@@ -197,7 +198,7 @@ class Worker:
             group_id=s.group_id,
             client_id=s.client_id,
             enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset,
+            auto_offset_reset=offset_reset.client_policy(s.auto_offset_reset),
             isolation_level="read_committed",
             max_poll_interval_ms=max(300_000, int(s.drain_timeout_s * 2000)),
             **s.kafka_security(),
@@ -205,6 +206,7 @@ class Worker:
         await self.consumer.start()
         self._exit.push_async_callback(self.consumer.stop)
         await self._check_topics()
+        await self._prepare_partitions()
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
 
     def _make_producer(self, transactional_id: str | None) -> Any:
@@ -264,6 +266,16 @@ class Worker:
         missing = sorted(set(s.topics) - existing)
         if missing:
             log.warning("source topics do not exist yet; waiting for them", extra={"topics": missing})
+
+    async def _prepare_partitions(self) -> None:
+        """Before joining the group: the identifier namespace (the cluster's) and the offset-reset policy."""
+        s = self.settings
+        info = await cluster.describe(s.kafka.client_options(), s.topics)
+        namespace = cluster.identifier_namespace(s.identifier_namespace, info.cluster_id)
+        self.decoder = Decoder(self.catalog, max_record_bytes=s.max_record_bytes, namespace=namespace)
+        log.info("identifier namespace", extra={"namespace": namespace, "cluster_id": info.cluster_id})
+        if s.auto_offset_reset == "safe":
+            await offset_reset.check_safe(self.consumer, s.group_id, info.partitions, self.clock.time())
 
     async def _load_catalog(self) -> None:
         s = self.settings
@@ -358,7 +370,8 @@ class Worker:
             self._first_offsets.setdefault(tp, records[0].offset)
             events, sources, rejected = self.decoder.decode(records, now_wall)
             for record, rejection in rejected:
-                submit(chunk, record, rejection, first_failure=now_wall, last_failure=now_wall)
+                identifier = self.decoder.identifier_of(record)
+                submit(chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall)
             for batch in batcher.add(chunk, events, sources, now):
                 queue.put_nowait(batch)
             self.metrics.events_consumed.labels(tp.topic).inc(len(records))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from ingestor import settings as settings_mod
@@ -84,6 +85,16 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: s
             return
         await asyncio.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def cluster_id(bootstrap: str) -> str:
+    """The cluster's id, as the broker reports it (the default namespace of derived identifiers)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return str((await admin.describe_cluster())["cluster_id"])
+    finally:
+        await admin.close()
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
