@@ -1,7 +1,9 @@
 """Drives one batch to done: accepted by Stripe, or its events dead-lettered.
 
 - Every request waits for its slot in the budget first.
-- `reauth` (401): the session token is rotated and the batch resent; this is not a failed attempt.
+- `reauth` (401): the refused token is invalidated (never raises: the session manager creates its
+  successor, single-flight and rate limited) and the batch resent once a new token is at hand, like
+  any request that waits for a session; up to `MAX_FREE_REAUTHS` in a row are not failed attempts.
 - `retry`: exponential backoff with full jitter, capped; on rate-limit 429s the budget also backs off.
   Transient failures are retried until INGESTOR_RETRY_DEADLINE_S (0: forever): a billing pipeline
   should stall and alert rather than dead-letter events Stripe would have taken a minute later.
@@ -38,8 +40,13 @@ MAX_FREE_REAUTHS = 3
 
 
 class Sessions(Protocol):
-    async def token(self) -> str: ...
-    async def invalidate(self, token: str) -> None: ...
+    async def token(self) -> str:
+        """A valid token; raises when none can be had now (a transient failure for the caller)."""
+        ...
+
+    async def invalidate(self, token: str) -> None:
+        """The stream refused `token` (401): replace it. Never raises."""
+        ...
 
 
 class Progress(Protocol):
@@ -116,7 +123,7 @@ class Delivery:
             counter = self._request_counters[key] = metrics.requests.labels(key[0], str(key[1]))
         counter.inc()
         if answer.outcome is Outcome.REAUTH:
-            await self._sessions.invalidate(token)
+            await self._invalidate(token)
         elif answer.status == 429:
             metrics.rate_limited.labels(answer.rate_limit_reason or "none").inc()
             if answer.rate_limit_reason:
@@ -125,6 +132,13 @@ class Delivery:
             metrics.batch_size.observe(len(batch))
             metrics.batch_bytes.observe(len(body))
         return answer
+
+    async def _invalidate(self, token: str) -> None:
+        """Report a refused token; whatever goes wrong there, the batch is simply sent again."""
+        try:
+            await self._sessions.invalidate(token)
+        except Exception as exc:  # noqa: BLE001 - a sender task must outlive any session failure
+            log.warning("invalidating a refused session token failed", extra={"error": type(exc).__name__})
 
     def _accepted(self, batch: Batch) -> None:
         complete = self._tracker.complete

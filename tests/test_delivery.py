@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from ingestor.batching import Batch
 from ingestor.delivery import Delivery
 from ingestor.metrics import Metrics
 from ingestor.offsets import OffsetTracker, TopicPartition
+from ingestor.session import SessionGrant, SessionManager, SessionUnavailable
 from ingestor.stream_client import Answer, Outcome, classify
 from tests.corpus import FakeRecord
 from tests.fakes import FakeClock
@@ -25,11 +27,13 @@ class FakeClient:
     def __init__(self, rule):
         self.rule = rule
         self.bodies: list[list[dict[str, Any]]] = []
+        self.answers: list[Answer] = []
 
     async def send(self, body: bytes, token: str) -> Answer:
         events = orjson.loads(body)["events"]
         self.bodies.append(events)
-        return self.rule(events, token, len(self.bodies))
+        self.answers.append(self.rule(events, token, len(self.bodies)))
+        return self.answers[-1]
 
 
 @dataclass
@@ -193,3 +197,130 @@ def test_classify_survives_a_garbage_body():
     answer = classify(502, {}, b"<html>bad gateway</html>")
     assert answer.outcome is Outcome.RETRY
     assert "bad gateway" in answer.message
+
+
+# -- 401s against the real session manager ------------------------------------------------------------
+
+
+class ScriptedCreate:
+    """Session creation for a `SessionManager`: fails while `failing`, else issues tok_1, tok_2..."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls = 0
+        self.issued = 0
+        self.failing = False
+
+    async def __call__(self) -> SessionGrant:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.failing:
+            raise SessionUnavailable("HTTP 500", code="http_500", status=500)
+        self.issued += 1
+        expires = self.clock.monotonic() + 900.0
+        return SessionGrant(
+            f"tok_{self.issued}", f"mes_{self.issued}", livemode=False, ttl_seconds=900.0, expires_monotonic=expires
+        )
+
+
+def with_manager(rule, create: ScriptedCreate, clock: FakeClock, batches: int = 1, n: int = 100):
+    tracker = OffsetTracker()
+    tracker.assign(TP)
+    chunk = tracker.open(TP, 0, batches * n, batches * n)
+    out = []
+    for b in range(batches):
+        records = [FakeRecord("usage", 0, b * n + i, 1_700_000_000_000, None, b"{}", ()) for i in range(n)]
+        events = [{"event_name": "e", "payload": {}, "identifier": f"id-{b * n + i}"} for i in range(n)]
+        out.append(Batch(events, records, [(chunk, n)], n * 10))
+    manager = SessionManager(create, clock=clock, rand=lambda: 0.5)
+    client, dead = FakeClient(rule), FakeDeadLetters(tracker)
+    delivery = Delivery(
+        client=client,  # type: ignore[arg-type]
+        sessions=manager,
+        budget=FreeBudget(),  # type: ignore[arg-type]
+        dead_letters=dead,  # type: ignore[arg-type]
+        tracker=tracker,
+        metrics=Metrics(),
+        clock=clock,
+        retry_base=0.05,
+        retry_max=1.0,
+    )
+    return delivery, out, client, manager, dead, tracker
+
+
+def accepted_identifiers(client: FakeClient) -> list[str]:
+    pairs = zip(client.bodies, client.answers, strict=True)
+    return sorted(e["identifier"] for body, answer in pairs if answer.outcome is Outcome.ACCEPTED for e in body)
+
+
+async def test_a_401_while_session_creation_fails_is_retried_until_creation_recovers():
+    clock = FakeClock()
+    create = ScriptedCreate(clock)
+    refused = {"tok_1"}
+    delivery, (batch,), client, manager, dead, tracker = with_manager(
+        lambda events, token, n: Answer(Outcome.REAUTH, 401) if token in refused else Answer(Outcome.ACCEPTED, 200),
+        create,
+        clock,
+    )
+    async with manager:
+        await clock.advance(0.0)
+        create.failing = True
+        task = asyncio.create_task(delivery.deliver(batch))
+        for _ in range(100):  # 10 s of failing creation: the batch waits, nothing raises
+            await clock.advance(0.1)
+            assert not task.done()
+        create.failing = False
+        for _ in range(300):
+            if task.done():
+                break
+            await clock.advance(0.1)
+        await task  # raises if delivery did
+    assert accepted_identifiers(client) == sorted(f"id-{i}" for i in range(100))  # exactly once
+    assert dead.letters == []
+    assert tracker.committable() == {TP: 100}
+    assert create.issued == 2
+
+
+async def test_fifty_senders_all_refused_make_one_creation_at_a_time_at_a_bounded_rate():
+    clock = FakeClock()
+    create = ScriptedCreate(clock)
+    refuse_all = [True]
+    delivery, batches, client, manager, dead, tracker = with_manager(
+        lambda events, token, n: Answer(Outcome.REAUTH, 401) if refuse_all[0] else Answer(Outcome.ACCEPTED, 200),
+        create,
+        clock,
+        batches=50,
+        n=2,
+    )
+    async with manager:
+        senders = [asyncio.create_task(delivery.deliver(batch)) for batch in batches]
+        for _ in range(600):  # 60 s of a stream that refuses every token
+            await clock.advance(0.1)
+        assert not any(task.done() for task in senders)  # none raised, none gave up
+        created_during_the_storm = create.calls
+        refuse_all[0] = False
+        for _ in range(600):
+            if all(task.done() for task in senders):
+                break
+            await clock.advance(0.1)
+        await asyncio.gather(*senders)
+    # 0 s, at once after the first 401, then 1, 2, 4, 8, 16 s apart: not one creation per 401
+    assert created_during_the_storm <= 8
+    assert accepted_identifiers(client) == sorted(f"id-{i}" for i in range(100))  # exactly once
+    assert dead.letters == []
+    assert tracker.committable() == {TP: 100}
+
+
+async def test_an_invalidation_that_raises_does_not_escape_delivery():
+    class RaisingSessions(FakeSessions):
+        async def invalidate(self, token: str) -> None:
+            await super().invalidate(token)
+            raise RuntimeError("boom")
+
+    delivery, batch, _client, _, dead, tracker = make(
+        lambda events, token, n: Answer(Outcome.REAUTH, 401) if token == "tok_1" else Answer(Outcome.ACCEPTED, 200)
+    )
+    delivery._sessions = RaisingSessions()
+    await delivery.deliver(batch)
+    assert dead.letters == []
+    assert tracker.committable() == {TP: 100}
