@@ -7,7 +7,10 @@
 - `retry`: exponential backoff with full jitter, capped; on rate-limit 429s the budget also backs off.
   Transient failures are retried until INGESTOR_RETRY_DEADLINE_S (0: forever): a billing pipeline
   should stall and alert rather than dead-letter events Stripe would have taken a minute later.
-- `rejected` (400): the batch is split so the valid events are delivered and only the offending ones
+- `unexpected` (a redirect, another 2xx, a 200 whose body is not Stripe's `{}`): a misconfiguration (a
+  wrong base URL, a proxy); logged, counted (`ingestor_requests_total{outcome="unexpected"}`) and
+  retried like `retry`; the events are never taken as delivered.
+- `rejected` (400, 413): the batch is split so the valid events are delivered and only the offending ones
   dead-lettered. When Stripe's message names the bad event (`events[17]`), it is isolated at once
   (three requests); otherwise the batch is bisected (at most 2·k·log2(n) extra requests for k bad events).
 """
@@ -124,6 +127,11 @@ class Delivery:
         counter.inc()
         if answer.outcome is Outcome.REAUTH:
             await self._invalidate(token)
+        elif answer.outcome is Outcome.UNEXPECTED:
+            log.warning(
+                "the meter event stream gave an answer Stripe does not give; check the base URL and proxies",
+                extra={"status": answer.status, "detail": answer.message, "events": len(batch)},
+            )
         elif answer.status == 429:
             metrics.rate_limited.labels(answer.rate_limit_reason or "none").inc()
             if answer.rate_limit_reason:
@@ -199,6 +207,8 @@ class Delivery:
 
 
 def _cause_label(answer: Answer) -> str:
+    if answer.outcome is Outcome.UNEXPECTED:
+        return "unexpected_answer"
     if answer.status == 429:
         return "rate_limited" if answer.rate_limit_reason else "lock_timeout"
     if answer.status >= 500:

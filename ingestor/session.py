@@ -9,10 +9,13 @@ Errors::
 
     SessionError                  base; ``retriable`` says whether trying again later can help
     ├── SessionAuthError          401/403: the API key is wrong or lacks permission (not retriable)
-    └── SessionUnavailable        429, 408, 409, 5xx, connection errors, timeouts (retriable)
+    └── SessionUnavailable        429, 408, 409, 5xx, 3xx and 2xx but 200, connection errors, timeouts
+                                  (retriable)
 
 A malformed 200 response is a plain `SessionError` with code ``malformed_response`` (retriable); other
-4xx answers are plain, not retriable. Neither the API key nor a token ever appears in a message or log.
+4xx answers are plain, not retriable. Only a 200 is a session: a redirect (never followed) or another
+2xx is a `SessionUnavailable` with code ``unexpected_answer`` (a wrong INGESTOR_STRIPE_API_BASE, a proxy).
+Neither the API key nor a token ever appears in a message or log.
 """
 
 from __future__ import annotations
@@ -195,6 +198,9 @@ def classify_failure(status: int, headers: dict[str, str], body: bytes, api_key:
     if request_id := headers.get("Request-Id"):
         detail += f" (request {request_id})"
     text = f"creating a meter event session failed: {detail}"
+    if status < 400:
+        where = f" (a redirect to {headers.get('Location', '?')[:200]!r}, not followed)" if status >= 300 else ""
+        return SessionUnavailable(text + where, code="unexpected_answer", status=status)
     should_retry = headers.get("Stripe-Should-Retry")
     if status in {401, 403}:
         return SessionAuthError(text, code=code or f"http_{status}", status=status)
@@ -221,7 +227,9 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
     headers = {"Authorization": f"Bearer {api_key}", "Stripe-Version": stripe_version}
     sent_at = clock.monotonic()
     try:
-        async with http.post(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.post(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as response:
             body = await response.read()
             status, response_headers = response.status, dict(response.headers)
     except TimeoutError:
@@ -231,7 +239,7 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
     except aiohttp.ClientError as exc:
         text = _redact(f"{type(exc).__name__}: {exc}", api_key)
         raise SessionUnavailable(f"cannot reach {url}: {text}", code="connection_error") from None
-    if 200 <= status < 300:
+    if status == 200:
         return parse_session_response(body, sent_at)
     raise classify_failure(status, response_headers, body, api_key)
 

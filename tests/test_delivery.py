@@ -167,30 +167,54 @@ async def test_retries_past_the_deadline_dead_letter_every_event():
     assert tracker.committable() == {TP: 10}
 
 
+ERROR_BODY = b'{"error": {"type": "invalid_request_error", "code": "x", "message": "events[7].payload bad"}}'
+RETRY_FALSE = {"Stripe-Should-Retry": "false"}
+
+
 @pytest.mark.parametrize(
-    ("status", "headers", "outcome"),
+    ("status", "headers", "body", "outcome"),
     [
-        (200, {}, Outcome.ACCEPTED),
-        (202, {}, Outcome.ACCEPTED),
-        (400, {}, Outcome.REJECTED),
-        (400, {"Stripe-Should-Retry": "true"}, Outcome.RETRY),
-        (401, {}, Outcome.REAUTH),
-        (403, {}, Outcome.RETRY),
-        (409, {}, Outcome.RETRY),
-        (429, {"Stripe-Rate-Limited-Reason": "global-rate"}, Outcome.RETRY),
-        (429, {}, Outcome.RETRY),
-        (500, {}, Outcome.RETRY),
-        (503, {"Stripe-Should-Retry": "false"}, Outcome.REJECTED),
+        (200, {}, b"{}", Outcome.ACCEPTED),
+        (200, {}, b" { }\n", Outcome.ACCEPTED),
+        (200, {}, b"", Outcome.UNEXPECTED),
+        (200, {}, b"<html>welcome to the proxy</html>", Outcome.UNEXPECTED),
+        (200, {}, b'{"status": "ok"}', Outcome.UNEXPECTED),
+        (200, {}, b"[]", Outcome.UNEXPECTED),
+        (201, {}, b"{}", Outcome.UNEXPECTED),
+        (202, {}, b"{}", Outcome.UNEXPECTED),
+        (204, {}, b"", Outcome.UNEXPECTED),
+        (301, {"Location": "https://elsewhere/"}, b"", Outcome.UNEXPECTED),
+        (302, {"Location": "/login"}, b"", Outcome.UNEXPECTED),
+        (307, {}, b"", Outcome.UNEXPECTED),
+        (308, RETRY_FALSE, b"", Outcome.UNEXPECTED),
+        (400, {}, ERROR_BODY, Outcome.REJECTED),
+        (400, RETRY_FALSE, ERROR_BODY, Outcome.REJECTED),
+        (400, {"Stripe-Should-Retry": "true"}, ERROR_BODY, Outcome.RETRY),
+        (401, {}, ERROR_BODY, Outcome.REAUTH),
+        (401, RETRY_FALSE, ERROR_BODY, Outcome.REAUTH),
+        (403, {}, ERROR_BODY, Outcome.RETRY),
+        (403, RETRY_FALSE, ERROR_BODY, Outcome.RETRY),
+        (404, RETRY_FALSE, ERROR_BODY, Outcome.RETRY),
+        (409, RETRY_FALSE, ERROR_BODY, Outcome.RETRY),
+        (413, {}, ERROR_BODY, Outcome.REJECTED),
+        (413, {}, b"", Outcome.REJECTED),
+        (429, {"Stripe-Rate-Limited-Reason": "global-rate"}, ERROR_BODY, Outcome.RETRY),
+        (429, {}, ERROR_BODY, Outcome.RETRY),
+        (500, {}, ERROR_BODY, Outcome.RETRY),
+        (500, RETRY_FALSE, ERROR_BODY, Outcome.RETRY),
+        (503, RETRY_FALSE, ERROR_BODY, Outcome.RETRY),
     ],
 )
-def test_classify(status, headers, outcome):
-    body = b'{"error": {"type": "invalid_request_error", "code": "x", "message": "events[7].payload bad"}}'
-    answer = classify(status, headers, body)
+def test_classify(status, headers, body, outcome):
+    answer = classify(status, headers or {}, body)
     assert answer.outcome is outcome
-    if outcome is Outcome.REJECTED:
+    if outcome is Outcome.REJECTED and body:
         assert answer.bad_index == 7
     if status == 429:
         assert answer.rate_limit_reason == headers.get("Stripe-Rate-Limited-Reason", "")
+    if outcome is Outcome.UNEXPECTED:
+        assert answer.code == "unexpected_answer"
+        assert f"HTTP {status}" in answer.message
 
 
 def test_classify_survives_a_garbage_body():
@@ -324,3 +348,78 @@ async def test_an_invalidation_that_raises_does_not_escape_delivery():
     await delivery.deliver(batch)
     assert dead.letters == []
     assert tracker.committable() == {TP: 100}
+
+
+# -- what is split and what is not ---------------------------------------------------------------------
+
+
+def classified(status: int, headers: dict[str, str], body: bytes = ERROR_BODY, times: int = 3):
+    """The real classification of (status, headers, body) for the first `times` requests, then `200 {}`."""
+
+    def rule(events, token, n):
+        return classify(status, headers, body) if n <= times else classify(200, {}, b"{}")
+
+    return rule
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 403, 404, 409, 429])
+async def test_should_retry_false_on_an_answer_that_is_not_about_content_is_retried_never_split(status):
+    delivery, batch, client, _, dead, tracker = make(
+        classified(status, RETRY_FALSE, b'{"error": {"type": "api_error"}}')
+    )
+    await delivery.deliver(batch)
+    assert len(client.bodies) == 4  # three retries of the whole batch, then accepted: no bisection
+    assert all(len(body) == 100 for body in client.bodies)
+    assert dead.letters == []
+    assert batch.attempts == 3
+    assert tracker.committable() == {TP: 100}
+    assert delivery._metrics.registry.get_sample_value("ingestor_bisections_total") == 0
+
+
+async def test_a_413_splits_the_batch_and_a_single_event_answered_413_is_dead_lettered():
+    too_large = 37
+
+    def rule(events, token, n):
+        ids = {int(e["identifier"].split("-")[1]) for e in events}
+        if len(events) > 10 or too_large in ids:
+            return classify(413, {}, b'{"error": {"type": "invalid_request_error", "message": "too large"}}')
+        return classify(200, {}, b"{}")
+
+    delivery, batch, client, _, dead, tracker = make(rule, retry_deadline=5.0)
+    await delivery.deliver(batch)
+    assert [(offset, reason) for offset, reason, _ in dead.letters] == [(too_large, "stripe_rejected")]
+    assert accepted_identifiers(client) == sorted(f"id-{i}" for i in range(100) if i != too_large)
+    assert tracker.committable() == {TP: 100}
+
+
+def requests_count(delivery: Delivery, outcome: str, status: int) -> float:
+    labels = {"outcome": outcome, "status": str(status)}
+    return delivery._metrics.registry.get_sample_value("ingestor_requests_total", labels) or 0.0
+
+
+async def test_an_unexpected_answer_is_retried_counted_and_never_taken_as_delivered():
+    script = [
+        classify(302, {"Location": "https://login.example/"}, b""),
+        classify(200, {}, b"<html>proxy</html>"),
+        classify(202, {}, b"{}"),
+    ]
+    clock = FakeClock()
+    delivery, batch, client, _, dead, tracker = make(lambda events, token, n: script[(n - 1) % 3])
+    delivery._clock = clock
+    task = asyncio.create_task(delivery.deliver(batch))
+    for _ in range(300):  # 5 minutes of a misconfigured base URL
+        await clock.advance(1.0)
+    assert not task.done()
+    assert tracker.committable() == {}  # nothing committed, nothing dead-lettered
+    assert dead.letters == []
+    assert requests_count(delivery, "unexpected", 302) >= 10
+    assert requests_count(delivery, "unexpected", 200) >= 10
+    assert requests_count(delivery, "accepted", 200) == 0
+    retries = delivery._metrics.registry.get_sample_value("ingestor_retries_total", {"cause": "unexpected_answer"})
+    assert retries == batch.attempts
+    script[:] = [classify(200, {}, b"{}")] * 3  # the base URL is fixed
+    for _ in range(60):
+        await clock.advance(1.0)
+    await task
+    assert tracker.committable() == {TP: 100}
+    assert requests_count(delivery, "accepted", 200) == 1

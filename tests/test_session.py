@@ -291,6 +291,40 @@ async def test_create_session_malformed_json() -> None:
     assert caught.value.code == "malformed_response"
 
 
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [(301, {"Location": "/landing"}), (302, {"Location": "/landing"}), (307, {"Location": "/landing"}), (201, {})],
+)
+async def test_create_session_takes_only_a_200_and_follows_no_redirect(status: int, headers: dict[str, str]) -> None:
+    landed: list[str] = []
+
+    async def landing(request: web.Request) -> web.Response:  # would hand out a perfectly good session
+        landed.append(request.method)
+        return web.Response(body=session_body(), content_type="application/json")
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers=headers, body=session_body() if status < 300 else b"")
+
+    app = web.Application()
+    app.router.add_post(SESSION_PATH, handler)
+    app.router.add_route("*", "/landing", landing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(SessionUnavailable) as caught:
+                await create_session(http, f"http://{host}:{port}", API_KEY, "v", 5.0)
+    finally:
+        await runner.cleanup()
+    assert caught.value.code == "unexpected_answer"
+    assert caught.value.retriable
+    assert landed == []
+    assert TOKEN not in str(caught.value)
+
+
 async def test_create_session_timeout() -> None:
     async def handler(request: web.Request) -> web.Response:
         await asyncio.sleep(0.5)
