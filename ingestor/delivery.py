@@ -209,6 +209,10 @@ class Delivery:
 def _cause_label(answer: Answer) -> str:
     if answer.outcome is Outcome.UNEXPECTED:
         return "unexpected_answer"
+    return _status_cause(answer)
+
+
+def _status_cause(answer: Answer) -> str:
     if answer.status == 429:
         return "rate_limited" if answer.rate_limit_reason else "lock_timeout"
     if answer.status >= 500:

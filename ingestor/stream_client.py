@@ -6,13 +6,18 @@ transport is a Protocol so tests can swap it at the boundary. Redirects are neve
 | answer | outcome |
 | --- | --- |
 | 200 with body `{}`: Stripe's documented success, and the only one | accepted |
-| 401 (`billing_meter_event_session_expired` or any other 401) | reauth: rotate the token, resend |
-| 400 (unless `Stripe-Should-Retry: true`), 413 (payload too large) | reject: split the batch, dead-letter the bad events (a single event answered 413 is one) |
-| 400 with `Stripe-Should-Retry: true`; 409, 429, 5xx; 403, 404 and any other 4xx (with `Stripe-Should-Retry: false` too: it does not reject content); timeouts, connection errors | retry |
-| 3xx (a redirect: a wrong base URL), any other 2xx, a 200 whose body is not `{}` (a proxy?) | unexpected: retried like `retry`, never counted as accepted |
+| 401 (`billing_meter_event_session_expired` or any other) | reauth: a new token (never raises), resend |
+| 400 (unless `Stripe-Should-Retry: true`); 413 (payload too large) | reject: split the batch (*) |
+| 400 with `Stripe-Should-Retry: true`; 409, 429, 5xx, 403, 404, any other 4xx (**) | retry |
+| timeouts, connection errors | retry |
+| 3xx (never followed), any other 2xx, a 200 whose body is not `{}` | unexpected: retried, never accepted |
 
-A 403 or 404 means a misconfiguration (key, permissions, base URL) and `unexpected` one in front of
-Stripe: dead-lettering good events because of it would be worse than stalling and alerting.
+(*) the valid events are delivered and the bad ones dead-lettered; a single event answered 413 is one.
+(**) whatever `Stripe-Should-Retry` says: a `false` on these is not about the events' content.
+
+A 403 or 404 means a misconfiguration (key, permissions, base URL), an `unexpected` answer something
+standing in front of Stripe: dead-lettering good events for either would be worse than stalling and
+alerting (ingestor_requests_total by outcome and status feeds the alerts).
 """
 
 from __future__ import annotations
@@ -54,8 +59,6 @@ class Answer:
 
 
 ACCEPTED = Answer(Outcome.ACCEPTED, 200)
-#: Statuses that reject the request's content: the batch is split to isolate what was refused.
-_CONTENT_REJECTIONS = frozenset({400, 413})
 _SUCCESS_BODY = b"{}"
 
 

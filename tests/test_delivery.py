@@ -404,7 +404,7 @@ async def test_an_unexpected_answer_is_retried_counted_and_never_taken_as_delive
         classify(202, {}, b"{}"),
     ]
     clock = FakeClock()
-    delivery, batch, client, _, dead, tracker = make(lambda events, token, n: script[(n - 1) % 3])
+    delivery, batch, _client, _, dead, tracker = make(lambda events, token, n: script[(n - 1) % 3])
     delivery._clock = clock
     task = asyncio.create_task(delivery.deliver(batch))
     for _ in range(300):  # 5 minutes of a misconfigured base URL
