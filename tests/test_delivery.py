@@ -407,13 +407,13 @@ async def test_an_unexpected_answer_is_retried_counted_and_never_taken_as_delive
     delivery, batch, _client, _, dead, tracker = make(lambda events, token, n: script[(n - 1) % 3])
     delivery._clock = clock
     task = asyncio.create_task(delivery.deliver(batch))
-    for _ in range(300):  # 5 minutes of a misconfigured base URL
+    for _ in range(60):  # a minute of a misconfigured base URL
         await clock.advance(1.0)
     assert not task.done()
     assert tracker.committable() == {}  # nothing committed, nothing dead-lettered
     assert dead.letters == []
-    assert requests_count(delivery, "unexpected", 302) >= 10
-    assert requests_count(delivery, "unexpected", 200) >= 10
+    assert requests_count(delivery, "unexpected", 302) >= 3
+    assert requests_count(delivery, "unexpected", 200) >= 3
     assert requests_count(delivery, "accepted", 200) == 0
     retries = delivery._metrics.registry.get_sample_value("ingestor_retries_total", {"cause": "unexpected_answer"})
     assert retries == batch.attempts

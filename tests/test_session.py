@@ -640,19 +640,19 @@ async def test_fifty_senders_refused_on_every_token_create_sessions_single_fligh
                 try:
                     await manager.invalidate(await manager.token())
                 except SessionUnavailable:
-                    await clock.sleep(0.05)
+                    await clock.sleep(0.5)
 
         senders = [asyncio.create_task(sender()) for _ in range(50)]
-        for _ in range(600):  # 60 s
-            await clock.advance(0.1)
+        for _ in range(60):  # 30 s
+            await clock.advance(0.5)
         assert not any(task.done() for task in senders)
         for task in senders:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
     assert create.max_active == 1
     gaps = [b - a for a, b in itertools.pairwise(create.started_at)]
-    # created at 0 and at once after the first 401, then 1, 2, 4, 8, 16 s after the previous one
-    assert len(create.started_at) <= 8, create.started_at
+    # created at 0 and at once after the first 401, then 1, 2, 4, 8 s after the previous one
+    assert len(create.started_at) <= 6, create.started_at
     assert all(gap >= 0.9 for gap in gaps[1:]), gaps
 
 
