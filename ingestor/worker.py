@@ -297,7 +297,8 @@ class Worker:
     async def _fetch_catalog(self) -> catalog_mod.MeterCatalog:
         assert self._http is not None
         s = self.settings
-        return await catalog_mod.fetch_from_stripe(self._http, s.stripe_api_base, s.api_key, s.stripe_version)
+        http, base, key, version = self._http, s.stripe_api_base, s.api_key, s.stripe_version
+        return await catalog_mod.fetch_from_stripe(http, base, key, version, timeout=s.request_timeout_s)
 
     def request_stop(self) -> None:
         """Stop fetching; `run` drains and returns."""
