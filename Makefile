@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator clean
+.PHONY: setup demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator bench-dlq clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
@@ -46,6 +46,10 @@ bench-emulator: setup
 
 bench: kafka-fetch
 	$(BIN)/python bench/pipeline_bench.py
+
+## Exactly-once dead letters (INGESTOR_DLQ_TRANSACTIONAL=true) against at-least-once, 1 % and 10 % invalid.
+bench-dlq: kafka-fetch
+	$(BIN)/python bench/dlq_cost.py --invalid-fraction 0.01 --invalid-fraction 0.1 --repeat 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -222,9 +222,13 @@ async def produce_backlog(bootstrap: str, topic: str, n: int) -> float:
     return time.monotonic() - started
 
 
-async def produce_paced(bootstrap: str, topic: str, n: int, rate: float) -> dict[str, float]:
-    """Produce `n` events at `rate` events/s (every 10 ms, what is due, round robin over the partitions)."""
-    pool = event_pool()
+async def produce_paced(
+    bootstrap: str, topic: str, n: int, rate: float, values: list[bytes] | None = None
+) -> dict[str, float]:
+    """Produce `n` events at `rate` events/s (every 10 ms, what is due, round robin over the partitions).
+
+    The values are `values` in turn if given, else the customers' pool."""
+    pool = values or event_pool()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, max_batch_size=512 * 1024)
     await producer.start()
     try:
@@ -241,7 +245,7 @@ async def produce_paced(bootstrap: str, topic: str, n: int, rate: float) -> dict
                 for k in range(due):
                     index = produced + k
                     batch = batches[partitions[index % len(partitions)]]
-                    if batch.append(key=None, value=pool[index % CUSTOMERS], timestamp=None) is None:
+                    if batch.append(key=None, value=pool[index % len(pool)], timestamp=None) is None:
                         raise RuntimeError("paced batch overflow; lower --produce-rate")
                 for partition, batch in batches.items():
                     pending.append(await producer.send_batch(batch, topic, partition=partition))
