@@ -9,7 +9,7 @@ LOCKS := requirements/build.lock requirements/dev.lock
 # Installs refuse any file whose sha256 is not in the lock (see scripts/lock.sh).
 PIP_LOCKED := $(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps
 
-.PHONY: setup lock lock-upgrade demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator clean
+.PHONY: setup lock lock-upgrade demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator bench-dlq clean
 
 ## A virtualenv with exactly the locked versions (requirements/dev.lock), then the project itself, editable.
 $(STAMP): pyproject.toml $(LOCKS)
@@ -60,6 +60,10 @@ bench-emulator: setup
 
 bench: kafka-fetch
 	$(BIN)/python bench/pipeline_bench.py
+
+## Exactly-once dead letters (INGESTOR_DLQ_TRANSACTIONAL=true) against at-least-once, 1 % and 10 % invalid.
+bench-dlq: kafka-fetch
+	$(BIN)/python bench/dlq_cost.py --invalid-fraction 0.01 --invalid-fraction 0.1 --repeat 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
