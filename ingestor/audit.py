@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ingestor import backoff, cancellation, dlq_format
@@ -173,14 +174,25 @@ class Progress:
 # --- reading Kafka ----------------------------------------------------------------------------------------
 
 
-async def source_ranges(consumer: AIOKafkaConsumer, topics: Sequence[str], start_ms: int, end_ms: int) -> Range:
+async def describe(client: dict[str, Any], wanted: Mapping[str, str]) -> dict[str, list[int]]:
+    """The partitions of each topic in `wanted` (topic -> the setting that names it); AuditError if one is missing."""
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(wanted))
+    finally:
+        await admin.close()
+    found = {d["topic"]: sorted(p["partition"] for p in d["partitions"]) for d in described if not d["error_code"]}
+    for topic, env in wanted.items():
+        if not found.get(topic):
+            raise AuditError(f"{env}: topic {topic!r} does not exist")
+    return found
+
+
+async def source_ranges(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], start_ms: int, end_ms: int
+) -> Range:
     """Per source partition, [first offset produced at start_ms, first produced at end_ms) (offsets-for-times)."""
-    partitions = []
-    for topic in topics:
-        found = consumer.partitions_for_topic(topic)
-        if not found:
-            raise AuditError(f"INGESTOR_TOPICS: topic {topic!r} does not exist")
-        partitions += [TopicPartition(topic, p) for p in sorted(found)]
     ends = await consumer.end_offsets(partitions)
     firsts = await consumer.offsets_for_times(dict.fromkeys(partitions, start_ms))
     lasts = await consumer.offsets_for_times(dict.fromkeys(partitions, end_ms))
@@ -228,12 +240,10 @@ class DeadLetters:
     identifiers: set[str] = field(default_factory=set)
 
 
-async def read_dead_letters(consumer: AIOKafkaConsumer, topic: str, sources: set[str]) -> DeadLetters:
+async def read_dead_letters(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], sources: set[str]
+) -> DeadLetters:
     found = DeadLetters()
-    numbers = consumer.partitions_for_topic(topic)
-    if not numbers:
-        raise AuditError(f"INGESTOR_DLQ_TOPIC: topic {topic!r} does not exist")
-    partitions = [TopicPartition(topic, p) for p in sorted(numbers)]
     async with contextlib.aclosing(read_snapshot(consumer, partitions)) as letters:
         async for letter in letters:
             if letter.reason == REPORT_REASON:
@@ -245,7 +255,6 @@ async def read_dead_letters(consumer: AIOKafkaConsumer, topic: str, sources: set
             partition, offset = letter.header(dlq_format.SOURCE_PARTITION), letter.header(dlq_format.SOURCE_OFFSET)
             if source in sources and partition and offset and partition.isdigit() and offset.isdigit():
                 found.coordinates.add((source, int(partition), int(offset)))
-    consumer.unsubscribe()
     return found
 
 
@@ -402,23 +411,22 @@ async def audit(settings: Settings, options: AuditOptions, *, err: TextIO = sys.
 async def expected(
     settings: Settings, options: AuditOptions, meters: list[Meter], report: Report, progress: Progress
 ) -> dict[tuple[str, str], int]:
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, isolation_level="read_committed", **settings.kafka.client_options()
-    )
+    client = settings.kafka.client_options()
+    wanted = {settings.dlq_topic: "INGESTOR_DLQ_TOPIC", **dict.fromkeys(settings.topics, "INGESTOR_TOPICS")}
     try:
-        await consumer.start()
+        partitions = await describe(client, wanted)
     except KafkaError as exc:
-        await consumer.stop()
-        raise AuditError(
-            f"KAFKA_BOOTSTRAP_SERVERS: cannot reach Kafka at {settings.bootstrap_servers}: {exc!r}"
-        ) from None
+        where = settings.bootstrap_servers
+        raise AuditError(f"KAFKA_BOOTSTRAP_SERVERS: cannot reach Kafka at {where}: {exc!r}") from None
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed", **client)
+    await consumer.start()
     try:
-        letters = await read_dead_letters(consumer, settings.dlq_topic, set(settings.topics))
+        dlq = [TopicPartition(settings.dlq_topic, p) for p in partitions[settings.dlq_topic]]
+        letters = await read_dead_letters(consumer, dlq, set(settings.topics))
         report.dead_lettered = len(letters.coordinates) + len(letters.identifiers)
         slack_ms = int(options.slack_s * 1000)
-        ranges = await source_ranges(
-            consumer, settings.topics, options.start * 1000 - slack_ms, options.end * 1000 + slack_ms
-        )
+        sources = [TopicPartition(t, p) for t in settings.topics for p in partitions[t]]
+        ranges = await source_ranges(consumer, sources, options.start * 1000 - slack_ms, options.end * 1000 + slack_ms)
         reader = Reader(consumer, ranges, letters, progress)
         cancelled = await reader.cancellations()
         report.cancellations = len(cancelled)
