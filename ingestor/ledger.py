@@ -74,16 +74,17 @@ class Ledger:
         if self._duplicate(event["identifier"], arrival_ms):
             counts.duplicates += 1
             return
-        if event["identifier"] in self._cancelled:
-            counts.cancelled += 1
-            return
         meter = self._meters.get(event["event_name"])
         if meter is None:
             counts.unknown_meter += 1
             return
-        ts = self._timestamp_ms(event["timestamp"])
         payload = event["payload"]
         customer = payload[meter.customer_key]
+        if event["identifier"] in self._cancelled:
+            counts.cancelled += 1
+            self._plain.setdefault((meter.event_name, customer), 0)  # seen: expected 0 if all were cancelled
+            return
+        ts = self._timestamp_ms(event["timestamp"])
         value = 1 if meter.formula == "count" else int(payload.get(meter.value_key) or 0)
         window = meter.event_time_window
         if window is not None:
