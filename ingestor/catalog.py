@@ -43,6 +43,10 @@ class Meter:
     needs_value: bool = True
     active: bool = True
     meter_id: str = ""
+    #: How Stripe aggregates the meter (`count`, `sum`, `last`) and its `event_time_window` (`hour`, `day`,
+    #: None): read by `ingestor audit`, which recomputes what Stripe should bill.
+    formula: str = "sum"
+    event_time_window: str | None = None
 
 
 DEFAULT_METER = Meter(event_name="*")
@@ -67,6 +71,9 @@ class MeterCatalog:
         if not meter.active:
             raise Rejection("meter_inactive", f"the meter for event_name {event_name!r} is deactivated")
         return meter
+
+    def meters(self) -> list[Meter]:
+        return list(self._meters.values())
 
     def replace(self, other: MeterCatalog) -> None:
         self._meters = other._meters
@@ -116,7 +123,7 @@ def _static_meter(name: str, spec: Any) -> Meter:
     active = spec.get("active", True)
     if not isinstance(active, bool):
         raise CatalogError(f"{where}.active must be true or false")
-    return Meter(name, customer_key, value_key, needs_value=formula != "count", active=active)
+    return Meter(name, customer_key, value_key, needs_value=formula != "count", active=active, formula=formula)
 
 
 def meter_from_stripe(obj: dict[str, Any]) -> Meter:
@@ -131,6 +138,8 @@ def meter_from_stripe(obj: dict[str, Any]) -> Meter:
         needs_value=formula != "count",
         active=obj.get("status", "active") == "active",
         meter_id=str(obj.get("id", "")),
+        formula=str(formula),
+        event_time_window=obj.get("event_time_window") or None,
     )
 
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": ("ingestor.devkafka", "fetch, start and stop a local single-node Kafka broker"),
     "demo": ("ingestor.demo", "the embedded default: local Kafka + emulator + sample traffic + worker"),
     "dlq": ("ingestor.replay", "dead-letter tools: replay dead-lettered events to a topic"),
+    "audit": ("ingestor.audit", "compare the usage on the topics with Stripe's event summaries"),
 }
 
 

@@ -3,7 +3,8 @@
 Starts a local Kafka broker and the Stripe emulator, creates meters, produces a realistic stream
 (several customers and meters, a few bad events), runs the worker with a live progress display, and
 ends with the accounting: produced = delivered + dead-lettered, and the meter totals read back through
-the emulator's event summaries equal what was produced.
+the emulator's event summaries equal what was produced; then `ingestor audit` checks the same from the
+topic itself.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 finished = await progress(worker, len(values), args.timeout)
                 worker.request_stop()
                 await task
-            return await account(
+            accounted = await account(
                 base=emu.url,
                 worker=worker,
                 produced=len(values),
@@ -145,6 +146,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 meter_ids=meter_ids,
                 finished=finished,
             )
+            return max(accounted, await audit_step(env, now))
 
 
 async def create_meters(base: str) -> dict[str, str]:
@@ -230,6 +232,17 @@ async def account(  # noqa: PLR0913
     ok = finished and produced == delivered + dead and dead == bad and mismatches == 0
     say("all events accounted for, every meter total exact" if ok else "ACCOUNTING FAILED")
     return 0 if ok else 1
+
+
+async def audit_step(env: dict[str, str], now: float) -> int:
+    """`ingestor audit` over the demo's hour of events: the usage on the topic against Stripe's summaries."""
+    from ingestor import audit, cli  # noqa: PLC0415
+
+    argv = ["audit", "--from", str(int(now) - 3600), "--settle", "10"]
+    say("ingestor " + " ".join(argv))
+    code = await audit.run(cli.build_parser(argv).parse_args(argv), env)
+    say("audit: every total matches" if code == 0 else f"audit: exit status {code}")
+    return code
 
 
 def say(text: str) -> None:

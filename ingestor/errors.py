@@ -24,7 +24,8 @@ REASONS: Final[dict[str, str]] = {
     "not_utf8": "The record value is not UTF-8.",
     "not_json": "The record value is not JSON.",
     "not_object": "The record value is JSON but not an object.",
-    "unknown_field": "The event has a top-level field other than event_name, payload, identifier, timestamp.",
+    "unknown_field": "The event has a top-level field other than event_name, payload, identifier, timestamp "
+    "(a cancellation: other than event_name, type, cancel).",
     # the event's fields
     "event_name_missing": "event_name is absent.",
     "event_name_invalid": "event_name is not a string of 1 to 100 characters.",
@@ -39,11 +40,16 @@ REASONS: Final[dict[str, str]] = {
     "timestamp_invalid": "timestamp is neither an RFC 3339 string nor unix seconds.",
     "timestamp_too_far_in_past": "timestamp is more than 35 days in the past.",
     "timestamp_in_future": "timestamp is more than 5 minutes in the future.",
+    # cancellations (records with a `type`: Stripe's meter event adjustment)
+    "adjustment_type_invalid": 'type is present but is not "cancel" (the only adjustment Stripe has).',
+    "cancel_invalid": "cancel is not an object holding only identifier, a string of 1 to 100 characters.",
     # the meter catalog
     "meter_unknown": "No meter has this event_name (with a known meter catalog).",
     "meter_inactive": "The event_name's meter is deactivated.",
     # Stripe
     "stripe_rejected": "Stripe refused the event (a 400 isolated to this event); see ingestor.stripe_code.",
+    "cancel_rejected": "Stripe refused the cancellation (e.g. invalid_cancel_configuration: no such event received "
+    "within 24 hours, or already cancelled); see ingestor.stripe_code.",
     "retries_exhausted": "Transient failures outlasted INGESTOR_RETRY_DEADLINE_S.",
     "stripe_async_error": "Stripe accepted the event, then reported it failed validation (webhook error report).",
 }

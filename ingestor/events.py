@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from ingestor import dlq_format
+from ingestor import cancellation, dlq_format
 from ingestor.errors import Rejection
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ingestor.cancellation import Cancellation
     from ingestor.catalog import Meter, MeterCatalog
 
 MAX_NAME_CHARS = 100
@@ -146,9 +147,12 @@ class Decoder:
         self._last_second_text = ""
 
     def decode(  # noqa: C901, PLR0912, PLR0915 - the hot loop is inline on purpose (one call per event)
-        self, records: Sequence[Record], now: float
+        self, records: Sequence[Record], now: float, cancellations: list[Cancellation] | None = None
     ) -> tuple[list[dict[str, Any]], list[Record], list[tuple[Record, Rejection]]]:
-        """Decode one poll of one partition: (events, their records, rejected records with reasons)."""
+        """Decode one poll of one partition: (events, their records, rejected records with reasons).
+
+        With a `cancellations` list, records holding an adjustment (`ingestor.cancellation`) are validated
+        and the valid ones appended to it, in order; without one they are events with unknown fields."""
         events: list[dict[str, Any]] = []
         sources: list[Record] = []
         rejected: list[tuple[Record, Rejection]] = []
@@ -183,6 +187,9 @@ class Decoder:
                 if type(event) is not dict_:
                     raise _not_object(event)
                 if not event.keys() <= allowed:
+                    if cancellations is not None and cancellation.is_adjustment(event):
+                        cancellations.append(cancellation.parse(record, event))
+                        continue
                     raise _unknown_fields(event)
                 name = event.get("event_name")
                 if type(name) is not str_ or not 0 < len(name) <= MAX_NAME_CHARS:

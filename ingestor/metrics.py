@@ -104,6 +104,19 @@ class Metrics:
             registry=r,
         )
 
+        self.adjustments = Counter(
+            "ingestor_adjustments_total",
+            "Cancellation requests (meter event adjustments) by outcome and HTTP status (status 0: no response).",
+            ["outcome", "status"],
+            registry=r,
+        )
+        self.adjustment_duration = Histogram(
+            "ingestor_adjustment_duration_seconds",
+            "Duration of one meter event adjustment request.",
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+
     def export_state(
         self,
         name: str,

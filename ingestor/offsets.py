@@ -118,6 +118,12 @@ class OffsetTracker:
             mark = chunk.end
         return mark
 
+    def is_next(self, chunk: Chunk) -> bool:
+        """Whether every record of `chunk`'s partition before it is done: it is the partition's oldest open
+        chunk (a cancellation, alone in its chunk, is sent only then)."""
+        progress = self._partitions.get(chunk.tp)
+        return progress is not None and not chunk.released and bool(progress.chunks) and progress.chunks[0] is chunk
+
     def ahead(self, tp: TopicPartition) -> int:
         """Records of `tp` consumed since its oldest unfinished record (0 when all are done)."""
         progress = self._partitions.get(tp)

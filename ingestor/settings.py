@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 STRIPE_MAX_EVENTS_PER_REQUEST = 100
 LIVE_MODE_STREAM_RPS = 10_000
 SANDBOX_BASIC_RPS = 25
+#: Stripe's documented basic limit for ordinary API endpoints (adjustments, meter reads) in live mode.
+LIVE_MODE_API_RPS = 100
 
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
 DEFAULT_STRIPE_METER_EVENTS_BASE = "https://meter-events.stripe.com"
@@ -338,6 +340,30 @@ SETTINGS: tuple[Var, ...] = (
         "(exactly once for read_committed readers); false: an idempotent producer (at least once).",
         _bool,
     ),
+    # Cancellations (meter event adjustments) and other ordinary API calls
+    Var(
+        "INGESTOR_API_RPS",
+        "api_rps",
+        "auto",
+        "Requests/s to Stripe's ordinary API endpoints (cancellations; meter reads by ingestor audit), per "
+        "process. auto: 100 for live keys, 25 for test keys (Stripe's documented basic limits; in a sandbox "
+        "the 25/s is shared with stream requests).",
+        _optional_int(1),
+    ),
+    Var(
+        "INGESTOR_ADJUSTMENT_RETRY_BASE_S",
+        "adjustment_retry_base_s",
+        "0.5",
+        "First retry backoff of a cancellation (exponential, full jitter; Stripe's SDKs use 0.5).",
+        _float_range(0.001),
+    ),
+    Var(
+        "INGESTOR_ADJUSTMENT_RETRY_MAX_S",
+        "adjustment_retry_max_s",
+        "5",
+        "Cap of a cancellation's retry backoff (Stripe's SDKs use 5).",
+        _float_range(0.001),
+    ),
     # Offsets, shutdown, health
     Var(
         "INGESTOR_COMMIT_INTERVAL_MS",
@@ -445,6 +471,9 @@ class Settings:
     retry_max_s: float
     retry_deadline_s: float
     dlq_transactional: bool
+    api_rps: int | None
+    adjustment_retry_base_s: float
+    adjustment_retry_max_s: float
     commit_interval_ms: int
     drain_timeout_s: float
     stuck_after_s: float
@@ -470,6 +499,12 @@ class Settings:
         if self.rps_budget is not None:
             return self.rps_budget
         return LIVE_MODE_STREAM_RPS if self.livemode else SANDBOX_BASIC_RPS
+
+    @property
+    def effective_api_rps(self) -> int:
+        if self.api_rps is not None:
+            return self.api_rps
+        return LIVE_MODE_API_RPS if self.livemode else SANDBOX_BASIC_RPS
 
     @property
     def effective_error_report_topic(self) -> str:
@@ -560,6 +595,8 @@ def _check(values: dict[str, Any]) -> None:
         )
     if values["retry_max_s"] < values["retry_base_s"]:
         raise SettingsError("INGESTOR_RETRY_MAX_S must be at least INGESTOR_RETRY_BASE_S")
+    if values["adjustment_retry_max_s"] < values["adjustment_retry_base_s"]:
+        raise SettingsError("INGESTOR_ADJUSTMENT_RETRY_MAX_S must be at least INGESTOR_ADJUSTMENT_RETRY_BASE_S")
     if values["dlq_topic"] in values["topics"]:
         raise SettingsError("INGESTOR_DLQ_TOPIC must not be one of INGESTOR_TOPICS")
 

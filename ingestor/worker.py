@@ -35,6 +35,7 @@ from aiokafka.structs import TopicPartition
 
 from ingestor import catalog as catalog_mod
 from ingestor import cluster, offset_reset
+from ingestor.adjustments import Adjuster, AdjustmentClient, Pacer, RetryPolicy, split_poll
 from ingestor.batching import Batch, Batcher
 from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
 from ingestor.clock import SYSTEM_CLOCK, Clock
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from types import TracebackType
 
+    from ingestor.cancellation import Cancellation
     from ingestor.settings import Settings
 
 log = logging.getLogger("ingestor.worker")
@@ -123,6 +125,7 @@ class Worker:
         self.dead_letters: DeadLetterWriter | None = None
         self.transactions: PartitionTransactions | None = None
         self.delivery: Delivery | None = None
+        self.adjuster: Adjuster | None = None
         self._export_state()
 
     # ----------------------------------------------------------------- lifecycle
@@ -192,6 +195,17 @@ class Worker:
             retry_base=s.retry_base_s,
             retry_max=s.retry_max_s,
             retry_deadline=s.retry_deadline_s,
+        )
+        self.adjuster = Adjuster(
+            client=AdjustmentClient(
+                AiohttpTransport(self._http, s.request_timeout_s), s.stripe_api_base, s.api_key, s.stripe_version
+            ),
+            tracker=self.tracker,
+            dead_letters=self.dead_letters,
+            metrics=self.metrics,
+            clock=self.clock,
+            pacer=Pacer(s.effective_api_rps, self.clock),
+            retry=RetryPolicy(s.adjustment_retry_base_s, s.adjustment_retry_max_s, s.retry_deadline_s),
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
@@ -327,6 +341,8 @@ class Worker:
         assert self.dead_letters is not None
         coros = [self._sender(i) for i in range(self.settings.max_in_flight)]
         coros += [self._linger_loop(), self._commit_loop(), self._kafka_probe_loop()]
+        if self.adjuster is not None:
+            coros.append(self.adjuster.run())
         if self.transactions is None:
             coros.append(self.dead_letters.run())
         if self.settings.meter_catalog == "stripe":
@@ -365,16 +381,23 @@ class Worker:
         for tp, records in data.items():
             if not records:
                 continue
-            chunk = tracker.open(tp, records[0].offset, records[-1].offset + 1, len(records))
-            if chunk.released:
-                continue
             self._first_offsets.setdefault(tp, records[0].offset)
-            events, sources, rejected = self.decoder.decode(records, now_wall)
-            for record, rejection in rejected:
-                identifier = self.decoder.identifier_of(record)
-                submit(chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall)
-            for batch in batcher.add(chunk, events, sources, now):
-                queue.put_nowait(batch)
+            cancels: list[Cancellation] = []
+            decoded = self.decoder.decode(records, now_wall, cancels)
+            # one chunk per poll; a cancellation gets a chunk of its own (see ingestor.adjustments)
+            for part in split_poll(records, *decoded, cancels):
+                chunk = tracker.open(tp, part.start, part.end, part.count)
+                if chunk.released:
+                    break
+                for record, rejection in part.rejected:
+                    identifier = self.decoder.identifier_of(record)
+                    submit(
+                        chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall
+                    )
+                for batch in batcher.add(chunk, part.events, part.sources, now):
+                    queue.put_nowait(batch)
+                if part.cancellation is not None:
+                    self.adjuster.submit(chunk, part.cancellation)  # type: ignore[union-attr]
             self.metrics.events_consumed.labels(tp.topic).inc(len(records))
 
     def _backpressure(self) -> None:
@@ -727,6 +750,11 @@ class Worker:
             "Time requests waited for the budget.",
             lambda: one(budget.waited_seconds_total),
             counter=True,
+        )
+        m.export_state(
+            "ingestor_adjustments_pending",
+            "Cancellations consumed and not yet done (waiting for earlier records of their partition, or in flight).",
+            lambda: one(self.adjuster.pending if self.adjuster else 0),
         )
         m.export_state(
             "ingestor_dlq_backlog_records",

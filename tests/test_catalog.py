@@ -117,7 +117,7 @@ def test_static_catalog() -> None:
     assert catalog.known
     assert len(catalog) == 4
     assert catalog.lookup("api_requests") == Meter("api_requests")
-    assert catalog.lookup("tokens") == Meter("tokens", customer_key="account", value_key="n")
+    assert catalog.lookup("tokens") == Meter("tokens", customer_key="account", value_key="n", formula="last")
     assert not catalog.lookup("logins").needs_value
     with pytest.raises(Rejection) as inactive:
         catalog.lookup("legacy")
@@ -172,7 +172,7 @@ def test_meter_from_stripe() -> None:
             default_aggregation={"formula": "last"},
         )
     )
-    assert meter == Meter("tokens", customer_key="account", value_key="n", meter_id="mtr_tokens")
+    assert meter == Meter("tokens", customer_key="account", value_key="n", meter_id="mtr_tokens", formula="last")
 
 
 @pytest.mark.parametrize(

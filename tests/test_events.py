@@ -38,7 +38,7 @@ NOW = 1_767_225_600.0
 NOW_MS = int(NOW * 1000)
 TOPIC = "meter-events"
 #: Reason codes only the delivery path gives (Stripe's answers), never the decoder.
-DELIVERY_REASONS = {"stripe_rejected", "retries_exhausted", "stripe_async_error"}
+DELIVERY_REASONS = {"stripe_rejected", "retries_exhausted", "stripe_async_error", "cancel_rejected"}
 FIELDS = {"event_name", "payload", "identifier", "timestamp"}
 FAST = settings(max_examples=150, deadline=None)
 
@@ -99,8 +99,10 @@ def test_corpus_is_well_formed() -> None:
 
 
 def test_every_decoder_reason_is_produced_somewhere() -> None:
-    """The corpus plus the catalog's two codes cover every code that is not Stripe's."""
-    covered = {b.reason for b in BAD_RECORDS} | {"meter_unknown", "meter_inactive"}
+    """The corpus plus the catalog's two codes and the cancellation shape's (tests/test_adjustments.py) cover
+    every code that is not Stripe's."""
+    cancellation_shape = {"adjustment_type_invalid", "cancel_invalid"}
+    covered = {b.reason for b in BAD_RECORDS} | {"meter_unknown", "meter_inactive"} | cancellation_shape
     assert covered == set(REASONS) - DELIVERY_REASONS
 
 

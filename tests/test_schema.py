@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from ingestor.catalog import MeterCatalog
 from ingestor.events import FUTURE_WINDOW_S, PAST_WINDOW_S, Decoder, format_ms
 from tests.corpus import BAD_RECORDS, DEFAULT_MAX_RECORD_BYTES, BadRecord, FakeRecord, event_bytes, good_event
+
+if TYPE_CHECKING:
+    from ingestor.cancellation import Cancellation
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a dev dependency")
 
@@ -42,15 +45,19 @@ VALUE_REASONS = {"value_invalid", "value_too_many_digits"}
 
 def decodes(value: bytes, now: float = NOW, headers: tuple[tuple[str, bytes], ...] = ()) -> bool:
     record = FakeRecord("meter-events", 0, 1, int(now * 1000), None, value, headers)
-    events, _, _ = Decoder(MeterCatalog(), max_record_bytes=DEFAULT_MAX_RECORD_BYTES).decode([record], now)
-    return bool(events)
+    cancels: list[Cancellation] = []
+    events, _, _ = Decoder(MeterCatalog(), max_record_bytes=DEFAULT_MAX_RECORD_BYTES).decode([record], now, cancels)
+    return bool(events or cancels)
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert SCHEMA["additionalProperties"] is False
-    assert set(SCHEMA["properties"]) == {"event_name", "payload", "identifier", "timestamp"}
+    assert SCHEMA["oneOf"] == [{"$ref": "#/$defs/meterEvent"}, {"$ref": "#/$defs/cancellation"}]
+    event, cancel = SCHEMA["$defs"]["meterEvent"], SCHEMA["$defs"]["cancellation"]
+    assert event["additionalProperties"] is cancel["additionalProperties"] is False
+    assert set(event["properties"]) == {"event_name", "payload", "identifier", "timestamp"}
+    assert set(cancel["properties"]) == set(cancel["required"]) == {"event_name", "type", "cancel"}
 
 
 def test_examples_validate_and_decode() -> None:
@@ -164,3 +171,31 @@ def test_schema_agrees_with_the_decoder_on_shape(event: dict[str, Any]) -> None:
             type(v) is float and v.is_integer() for v in event["payload"].values()
         )
         assert whole_float or reason not in SHAPE_REASONS, reason
+
+
+identifiers = st.one_of(values, st.text(min_size=1, max_size=101))
+cancellations = st.fixed_dictionaries(
+    {"type": st.one_of(st.just("cancel"), values)},
+    optional={
+        "event_name": st.one_of(values, st.text(min_size=1, max_size=101)),
+        "cancel": st.one_of(
+            values,
+            st.fixed_dictionaries({"identifier": identifiers}, optional={"extra": values}),
+        ),
+        "payload": payloads,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cancellations)
+def test_schema_and_decoder_agree_exactly_on_cancellations(document: dict[str, Any]) -> None:
+    """A record with a type is a cancellation: the decoder takes it exactly when the schema says it is valid."""
+    value = orjson.dumps(document)
+    record = FakeRecord("meter-events", 0, 1, int(NOW * 1000), None, value, ())
+    cancels: list[Cancellation] = []
+    events, _, rejected = Decoder(MeterCatalog(), max_record_bytes=DEFAULT_MAX_RECORD_BYTES).decode(
+        [record], NOW, cancels
+    )
+    assert events == []
+    assert bool(cancels) == VALIDATOR.is_valid(document), rejected

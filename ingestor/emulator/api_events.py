@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ingestor.emulator.auth import check_key
 from ingestor.emulator.bodies import form_body, json_body
 from ingestor.emulator.errors import ApiError, invalid, missing
+from ingestor.emulator.idempotency import REPLAYED_HEADER
 from ingestor.emulator.responses import json_response
 from ingestor.emulator.stream_body import parse_single_event
 from ingestor.emulator.timefmt import format_rfc3339
@@ -57,6 +58,7 @@ async def create_v2_event(ctx: Context, call: Call) -> web.StreamResponse:
 
 
 async def create_adjustment(ctx: Context, call: Call) -> web.StreamResponse:
+    """A cancel adjustment; with an `Idempotency-Key`, a repeated request gets the first answer again."""
     key = check_key(call.request.headers.get(AUTHORIZATION), ctx.config.known_keys)
     document = await json_body(call.request, ctx.config.max_body_bytes)
     name = document.get("event_name")
@@ -72,19 +74,31 @@ async def create_adjustment(ctx: Context, call: Call) -> web.StreamResponse:
             param="cancel",
         )
     now = ctx.clock()
-    ctx.state.cancel(key.livemode, name, identifier, now)
-    return json_response(
-        {
-            "id": ctx.state.ids.new("mtradj_"),
-            "object": "v2.billing.meter_event_adjustment",
-            "cancel": {"identifier": identifier},
-            "created": format_rfc3339(now),
-            "event_name": name,
-            "livemode": key.livemode,
-            "status": "complete",
-            "type": "cancel",
-        }
-    )
+    idempotency_key = call.request.headers.get("Idempotency-Key")
+    store = ctx.state.idempotency
+    if idempotency_key:
+        saved = store.lookup(key.key, idempotency_key, document, now)
+        if saved is not None:
+            return json_response(saved.body, saved.status, {REPLAYED_HEADER: "true"})
+    try:
+        ctx.state.cancel(key.livemode, name, identifier, now)
+    except ApiError as error:
+        if idempotency_key:
+            store.save(key.key, idempotency_key, document, (error.status, error.body()), now)
+        raise
+    body = {
+        "id": ctx.state.ids.new("mtradj_"),
+        "object": "v2.billing.meter_event_adjustment",
+        "cancel": {"identifier": identifier},
+        "created": format_rfc3339(now),
+        "event_name": name,
+        "livemode": key.livemode,
+        "status": "complete",
+        "type": "cancel",
+    }
+    if idempotency_key:
+        store.save(key.key, idempotency_key, document, (200, body), now)
+    return json_response(body)
 
 
 async def create_v1_event(ctx: Context, call: Call) -> web.StreamResponse:

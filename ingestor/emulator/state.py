@@ -18,6 +18,7 @@ from operator import sub
 from typing import TYPE_CHECKING, Any
 
 from ingestor.emulator.errors import ApiError, invalid
+from ingestor.emulator.idempotency import IdempotencyStore
 from ingestor.emulator.limits import CANCEL_WINDOW_S, DEDUP_WINDOW_S
 from ingestor.emulator.meters import Meter, MeterRegistry
 from ingestor.emulator.reports import Failure, build_reports
@@ -75,6 +76,7 @@ class EmulatorState:
         self.pending_events = 0
         self.reports: list[dict[str, Any]] = []
         self.inflight: set[tuple[bool, str, str]] = set()
+        self.idempotency = IdempotencyStore()
 
     def mode(self, livemode: bool) -> ModeState:
         return self.modes[livemode]
