@@ -45,7 +45,7 @@ from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
 from ingestor.partition_health import PartitionWatch
-from ingestor.session import SessionManager, create_session
+from ingestor.session import SessionAuthError, SessionError, SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
 from ingestor.transactions import PartitionTransactions
@@ -54,6 +54,8 @@ from ingestor.webhook import webhook_app
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from types import TracebackType
+
+    from aiohttp import web
 
     from ingestor.settings import Settings
 
@@ -142,10 +144,9 @@ class Worker:
 
     async def _start(self) -> None:
         s = self.settings
-        runner, self.metrics_port = await start_site(
-            http_app(self.metrics, self.health), s.metrics_host, s.metrics_port
+        self.metrics_port = await self._serve(
+            http_app(self.metrics, self.health), s.metrics_port, "INGESTOR_METRICS_PORT", "/metrics /healthz /readyz"
         )
-        self._exit.push_async_callback(runner.cleanup)
         connector = aiohttp.TCPConnector(limit=s.max_in_flight + 8, ttl_dns_cache=300, keepalive_timeout=30)
         self._http = aiohttp.ClientSession(connector=connector)
         self._exit.push_async_callback(self._http.close)
@@ -157,6 +158,7 @@ class Worker:
             margin_seconds=s.session_refresh_margin_s,
         )
         await self._exit.enter_async_context(self.sessions)
+        await self._check_key()
         await self._load_catalog()
         self.producer = self._make_producer(None)
         await self.producer.start()
@@ -250,8 +252,34 @@ class Worker:
             topic=s.effective_error_report_topic,
             metrics=self.metrics,
         )
-        runner, self.webhook_port = await start_site(app, s.metrics_host, s.webhook_port)
+        self.webhook_port = await self._serve(app, s.webhook_port, "INGESTOR_WEBHOOK_PORT", "POST /webhooks/stripe")
+
+    # --- start-up checks: a setting found wrong at start stops it with a SettingsError (exit 2)
+
+    async def _serve(self, app: web.Application, port: int, env: str, paths: str) -> int:
+        """Serve `app` on INGESTOR_METRICS_HOST and `port` (a port in use is a SettingsError naming `env`)."""
+        host = self.settings.metrics_host
+        try:
+            runner, bound = await start_site(app, host, port)
+        except OSError as exc:
+            raise SettingsError(f"{env}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._exit.push_async_callback(runner.cleanup)
+        address = f"http://{_url_host(host)}:{bound}"
+        log.info("serving %s at %s", paths, address, extra={"paths": paths, "address": address, "setting": env})
+        return bound
+
+    async def _check_key(self) -> None:
+        """The first session: a key Stripe refuses (401/403) at start is a setting to fix, not an incident.
+
+        Any other failure (Stripe unreachable, 5xx) is left to the rotator, which retries it (and alerts).
+        """
+        assert self.sessions is not None
+        try:
+            await self.sessions.token()
+        except SessionAuthError as exc:
+            raise _key_refused("creating a meter event session", exc.status) from None
+        except SessionError as exc:
+            log.warning("no meter event session yet; retrying in the background", extra={"error": str(exc)})
 
     async def _check_topics(self) -> None:
         """Refuse to start without the dead-letter topic: a bad record would block its partition forever."""
@@ -287,7 +315,12 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.catalog.replace(await self._fetch_catalog())
-            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except catalog_mod.CatalogError as exc:
+                if exc.status in _REFUSED:
+                    raise _key_refused("reading the meter catalog (GET /v1/billing/meters)", exc.status) from None
+                log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
+                await asyncio.sleep(CATALOG_RETRY_S)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
                 await asyncio.sleep(CATALOG_RETRY_S)
             else:
@@ -733,3 +766,20 @@ class Worker:
             "Dead-letter records waiting for Kafka's ack.",
             lambda: one(self.dead_letters.backlog if self.dead_letters else 0),
         )
+
+
+#: Stripe's answers to a key it does not accept: 401 (unknown, revoked) and 403 (lacks a permission).
+_REFUSED = frozenset({401, 403})
+
+
+def _key_refused(doing: str, status: int | None) -> SettingsError:
+    """The key is never shown: only what was refused and how."""
+    return SettingsError(
+        f"STRIPE_API_KEY/STRIPE_API_KEY_FILE: Stripe refused the key (HTTP {status}) {doing}; "
+        "check that it is the account's secret key (or a restricted key with meter permissions) "
+        "for the right mode and that it is not revoked"
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
