@@ -41,6 +41,7 @@ from ingestor.clock import SYSTEM_CLOCK, Clock
 from ingestor.deadletter import DEFAULT_TOPIC_MAX_BYTES, DeadLetterWriter, TopicLimit
 from ingestor.delivery import Delivery
 from ingestor.events import Decoder
+from ingestor.meter_refresh import UnknownMeterHold
 from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from ingestor.errors import Rejection
     from ingestor.settings import Settings
 
 log = logging.getLogger("ingestor.worker")
@@ -93,6 +95,8 @@ class Worker:
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes)
         self.catalog = catalog_mod.MeterCatalog()
         self.decoder = Decoder(self.catalog, max_record_bytes=settings.max_record_bytes)
+        #: meter_unknown records waiting for a catalog refresh (a catalog read from Stripe only)
+        self.unknown_meters = UnknownMeterHold() if settings.meter_catalog == "stripe" else None
         self.budget = RequestBudget(
             settings.effective_rps_budget, clock.monotonic(), BudgetPolicy(headroom=settings.budget_headroom)
         )
@@ -364,6 +368,8 @@ class Worker:
             coros.append(self.dead_letters.run())
         if self.settings.meter_catalog == "stripe":
             coros.append(self._catalog_loop())
+        if self.unknown_meters is not None:
+            coros.append(self._unknown_meter_loop())
         tasks = [asyncio.create_task(c) for c in coros]
         for task in tasks:
             task.add_done_callback(self._on_task_done)
@@ -393,8 +399,6 @@ class Worker:
     def _ingest(self, data: dict[TopicPartition, list[Any]]) -> None:
         now_wall, now = time.time(), self.clock.monotonic()
         tracker, batcher, queue = self.tracker, self.batcher, self.queue
-        assert self.dead_letters is not None
-        submit = self.dead_letters.submit
         for tp, records in data.items():
             if not records:
                 continue
@@ -403,12 +407,21 @@ class Worker:
                 continue
             self._first_offsets.setdefault(tp, records[0].offset)
             events, sources, rejected = self.decoder.decode(records, now_wall)
-            for record, rejection in rejected:
-                identifier = self.decoder.identifier_of(record)
-                submit(chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall)
+            if rejected:
+                if self.unknown_meters is not None:  # they wait for one catalog refresh (see meter_refresh)
+                    rejected = self.unknown_meters.hold(chunk, rejected)
+                self._dead_letter(chunk, rejected, now_wall)
             for batch in batcher.add(chunk, events, sources, now):
                 queue.put_nowait(batch)
             self.metrics.events_consumed.labels(tp.topic).inc(len(records))
+
+    def _dead_letter(self, chunk: Chunk, rejected: list[tuple[Any, Rejection]], now_wall: float) -> None:
+        assert self.dead_letters is not None
+        for record, rejection in rejected:
+            identifier = self.decoder.identifier_of(record)
+            self.dead_letters.submit(
+                chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall
+            )
 
     def _backpressure(self) -> None:
         """Pause everything above INGESTOR_MAX_BUFFERED_EVENTS pending records, and each partition that
@@ -637,10 +650,33 @@ class Worker:
     async def _catalog_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.meter_refresh_s)
-            try:
-                self.catalog.replace(await self._fetch_catalog())
-            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
+            await self._refresh_catalog()
+
+    async def _refresh_catalog(self) -> None:
+        try:
+            self.catalog.replace(await self._fetch_catalog())
+        except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
+
+    async def _unknown_meter_loop(self) -> None:
+        """Held `meter_unknown` records: refresh the catalog (rate-limited), then decode them again."""
+        hold = self.unknown_meters
+        assert hold is not None
+        while True:
+            await hold.waiting.wait()
+            await asyncio.sleep(max(0.0, hold.refresh_in(self.clock.monotonic())))
+            held = hold.take(self.clock.monotonic())
+            await self._refresh_catalog()
+            waited = sum(len(records) for _, records in held)
+            log.info("meter catalog refreshed for unknown event names", extra={"records": waited})
+            now_wall, now = time.time(), self.clock.monotonic()
+            for chunk, records in held:
+                if chunk.released:  # revoked meanwhile: the partition's next owner reads them again
+                    continue
+                events, sources, rejected = self.decoder.decode(records, now_wall)
+                self._dead_letter(chunk, rejected, now_wall)
+                for batch in self.batcher.add(chunk, events, sources, now):
+                    self.queue.put_nowait(batch)
 
     # ----------------------------------------------------------------- state for metrics
 
