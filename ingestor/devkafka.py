@@ -956,7 +956,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     send.add_argument("file", metavar="FILE", help="one record value per line; - reads standard input")
     for client in (topic, send):
         client.add_argument(
-            "--bootstrap-servers", default="", help=f"default: the broker `up` started, else {HOST}:{DEFAULT_CLI_PORT}"
+            "--bootstrap-servers",
+            default="",
+            help=f"default: $KAFKA_BOOTSTRAP_SERVERS, else the broker `up` started, else {HOST}:{DEFAULT_CLI_PORT}",
         )
     actions.add_parser("status", help="say whether the broker started by `up` runs (exit 1 if not)")
     env = actions.add_parser(
@@ -1083,9 +1085,9 @@ def _forget(state: BrokerState | None, *, keep_data: bool = False) -> None:
 
 
 def _bootstrap(args: argparse.Namespace) -> str:
-    """--bootstrap-servers, else the broker `up` started, else the default port."""
-    if args.bootstrap_servers:
-        return str(args.bootstrap_servers)
+    """--bootstrap-servers, else $KAFKA_BOOTSTRAP_SERVERS, else the broker `up` started, else the default port."""
+    if args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
+        return str(args.bootstrap_servers or os.environ["KAFKA_BOOTSTRAP_SERVERS"].strip())
     state = BrokerState.load()
     return state.bootstrap if state is not None and state.is_running() else f"{HOST}:{DEFAULT_CLI_PORT}"
 
