@@ -49,7 +49,7 @@ def exposition_types() -> dict[str, str]:
     text = generate_latest(Worker(settings.load(env)).metrics.registry).decode()
     types = {}
     for line in text.splitlines():
-        if line.startswith("# TYPE "):
+        if line.startswith("# TYPE ") and not line.split()[2].endswith("_created"):  # a counter's creation time
             _, _, name, kind = line.split()
             types[name + ("_total" if kind == "counter" and not name.endswith("_total") else "")] = kind
     return types
