@@ -36,8 +36,9 @@ kafka-fetch: setup
 kafka-up: kafka-fetch
 	$(BIN)/ingestor kafka up
 
+## Stops the broker and deletes its data (topics, records, offsets); `make kafka-down KEEP_DATA=1` keeps it.
 kafka-down: setup
-	$(BIN)/ingestor kafka down
+	$(BIN)/ingestor kafka down $(if $(KEEP_DATA),--keep-data)
 
 ## The main job on the embedded default: local Kafka + Stripe emulator + sample traffic + the worker.
 demo: kafka-fetch

@@ -81,7 +81,11 @@ class MeterCatalog:
 
 
 class CatalogError(ValueError):
-    """The meter catalog could not be read or parsed."""
+    """The meter catalog could not be read or parsed; `status`: Stripe's HTTP status, when it answered one."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def from_static(text: str) -> MeterCatalog:
@@ -160,7 +164,9 @@ async def fetch_from_stripe(
         async with http.get(f"{api_base}/v1/billing/meters", params=params, headers=headers, **options) as resp:
             body = await resp.read()
             if resp.status != 200:
-                raise CatalogError(f"GET /v1/billing/meters answered {resp.status}{_redirect_note(resp.status)}")
+                raise CatalogError(
+                    f"GET /v1/billing/meters answered {resp.status}{_redirect_note(resp.status)}", status=resp.status
+                )
         data, has_more = _page(body)
         try:
             meters.extend(meter_from_stripe(obj) for obj in data if obj.get("event_name"))

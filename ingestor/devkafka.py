@@ -14,9 +14,12 @@ Library::
         await create_topic(kafka.bootstrap, "events", 6)
         await produce(kafka.bootstrap, "events", [b"a", b"b"])
 
-Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092] [--secure]`` (detached, recorded
-in a state file under the cache directory), ``down``, ``status`` and ``env MODE`` (the worker's
-``KAFKA_*`` settings for a mode, as shell ``export`` lines: ``eval "$(ingestor kafka env mtls)"``).
+Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092] [--secure] [--fresh]`` (detached,
+recorded in a state file under the cache directory; reuses data ``down --keep-data`` kept),
+``down [--keep-data]`` (deletes the broker's data unless told to keep it, and says which), ``status``,
+``env MODE`` (the worker's ``KAFKA_*`` settings for a mode, as shell ``export`` lines:
+``eval "$(ingestor kafka env mtls)"``), ``create-topic TOPIC... [--partitions N]`` and
+``produce TOPIC FILE`` (one record per line of FILE, e.g. JSON lines).
 
 Secure listeners (``LocalKafka(secure=True)``, ``ingestor kafka up --secure``): besides PLAINTEXT, the
 same broker listens with every security mode the worker supports, on ports of their own, so that one
@@ -355,7 +358,8 @@ class LocalKafka:
 
     def _format_storage(self, libs: Path, properties: Path) -> None:
         tool = "kafka.tools.StorageTool"
-        command = [*self._java_command(libs, TOOL_JVM_OPTS), tool, "format", "-t", _cluster_id()]
+        cluster = _formatted_cluster_id(self.data_dir / "kraft") or _cluster_id()  # kept data keeps its id
+        command = [*self._java_command(libs, TOOL_JVM_OPTS), tool, "format", "-t", cluster]
         command += ["-c", str(properties), "--ignore-formatted"]
         if self._secure is not None:
             command += self._secure.storage_arguments()
@@ -447,7 +451,10 @@ def free_port() -> int:
 
 
 def _ensure_port_free(port: int) -> None:
+    """Whether the broker could listen on `port`: bound as the broker binds (SO_REUSEADDR), so that the
+    connections a stopped broker leaves in TIME_WAIT do not count as "in use" (they do not stop it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError as exc:
@@ -676,6 +683,15 @@ def _cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
         if not cluster_id.startswith("-"):
             return cluster_id
+
+
+def _formatted_cluster_id(log_dir: Path) -> str | None:
+    """The cluster id of storage formatted before (data kept by `down --keep-data`), if any."""
+    try:
+        text = (log_dir / "meta.properties").read_text()
+    except OSError:
+        return None
+    return next((line.partition("=")[2].strip() for line in text.splitlines() if line.startswith("cluster.id=")), None)
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -927,7 +943,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also listen with TLS, SASL and mutual TLS on other ports (see `ingestor kafka env`)",
     )
-    actions.add_parser("down", help="stop the broker started by `up` (nothing to do is not an error)")
+    up.add_argument("--fresh", action="store_true", help="delete the data `down --keep-data` kept, if any")
+    down = actions.add_parser(
+        "down", help="stop the broker started by `up` and delete its data (nothing to do is not an error)"
+    )
+    down.add_argument("--keep-data", action="store_true", help="keep its topics, records and offsets for the next `up`")
+    topic = actions.add_parser("create-topic", help="create topics (an existing one is left as it is)")
+    topic.add_argument("names", nargs="+", metavar="TOPIC")
+    topic.add_argument("--partitions", type=int, default=1, help="partitions per topic (default: %(default)s)")
+    send = actions.add_parser("produce", help="produce a file of JSON lines to a topic, one record per line")
+    send.add_argument("topic", metavar="TOPIC")
+    send.add_argument("file", metavar="FILE", help="one record value per line; - reads standard input")
+    for client in (topic, send):
+        client.add_argument(
+            "--bootstrap-servers",
+            default="",
+            help=f"default: $KAFKA_BOOTSTRAP_SERVERS, else the broker `up` started, else {HOST}:{DEFAULT_CLI_PORT}",
+        )
     actions.add_parser("status", help="say whether the broker started by `up` runs (exit 1 if not)")
     env = actions.add_parser(
         "env", help="print the KAFKA_* settings to reach the broker started by `up --secure` in MODE"
@@ -942,10 +974,12 @@ def main(args: argparse.Namespace) -> int:
         "down": _cli_down,
         "status": _cli_status,
         "env": _cli_env,
+        "create-topic": _cli_create_topic,
+        "produce": _cli_produce,
     }
     try:
         return actions[args.kafka_action](args)
-    except (KafkaFetchError, KafkaStartError, FileNotFoundError) as exc:
+    except (KafkaFetchError, KafkaStartError, KafkaError, OSError) as exc:
         print(f"ingestor kafka {args.kafka_action}: {exc}", file=sys.stderr)
         return 1
 
@@ -961,15 +995,20 @@ def _cli_up(args: argparse.Namespace) -> int:
         print(f"Kafka is already running at {state.bootstrap} (pid {state.pid})", file=sys.stderr)
         print(state.bootstrap)
         return 0
-    _forget(state)
+    _forget(state, keep_data=True)
     data_dir = cache_dir() / "run" / f"broker-{args.port}"
-    shutil.rmtree(data_dir, ignore_errors=True)
+    kept = (data_dir / "kraft").is_dir() and not args.fresh
+    if kept:
+        print(f"reusing the data kept by `down --keep-data` in {data_dir} (`up --fresh` deletes it)", file=sys.stderr)
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
     broker = LocalKafka(args.port, data_dir, secure=args.secure)
     started = time.monotonic()
     try:
         broker.start(args.timeout)
     except BaseException:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(data_dir, ignore_errors=True)
         raise
     secure_env = {mode: broker.secure.client_env(mode) for mode in SECURE_MODES} if args.secure else {}
     state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version, secure_env)
@@ -984,7 +1023,7 @@ def _cli_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_down(_: argparse.Namespace) -> int:
+def _cli_down(args: argparse.Namespace) -> int:
     state = BrokerState.load()
     if state is None:
         print("no local Kafka broker is recorded", file=sys.stderr)
@@ -999,7 +1038,15 @@ def _cli_down(_: argparse.Namespace) -> int:
         for process in _DETACHED:
             process.poll()
         print(f"stopped Kafka at {state.bootstrap} (pid {state.pid})", file=sys.stderr)
-    _forget(state)
+    _forget(state, keep_data=args.keep_data)
+    if args.keep_data:
+        print(f"kept its data in {state.data_dir}: the next `up` on port {state.port} reuses it", file=sys.stderr)
+    else:
+        print(
+            f"deleted its data in {state.data_dir}: every topic, record and committed offset "
+            "(`down --keep-data` keeps them)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1031,7 +1078,43 @@ def _cli_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forget(state: BrokerState | None) -> None:
-    if state is not None:
+def _forget(state: BrokerState | None, *, keep_data: bool = False) -> None:
+    if state is not None and not keep_data:
         shutil.rmtree(state.data_dir, ignore_errors=True)
     _state_path().unlink(missing_ok=True)
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    """--bootstrap-servers, else $KAFKA_BOOTSTRAP_SERVERS, else the broker `up` started, else the default port."""
+    if args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
+        return str(args.bootstrap_servers or os.environ["KAFKA_BOOTSTRAP_SERVERS"].strip())
+    state = BrokerState.load()
+    return state.bootstrap if state is not None and state.is_running() else f"{HOST}:{DEFAULT_CLI_PORT}"
+
+
+def _cli_create_topic(args: argparse.Namespace) -> int:
+    bootstrap = _bootstrap(args)
+    existing = asyncio.run(_topics(bootstrap))
+    for name in args.names:
+        if name in existing:
+            print(f"topic {name} already exists at {bootstrap}", file=sys.stderr)
+            continue
+        asyncio.run(create_topic(bootstrap, name, args.partitions))
+        print(f"created topic {name} ({args.partitions} partitions) at {bootstrap}", file=sys.stderr)
+    return 0
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    async with _admin(bootstrap) as admin:
+        return set(await admin.list_topics())
+
+
+def _cli_produce(args: argparse.Namespace) -> int:
+    """Each non-blank line of the file is one record's value, sent as it is (a bad one is dead-lettered)."""
+    stream = sys.stdin.buffer if args.file == "-" else Path(args.file).open("rb")  # noqa: SIM115 - closed below
+    with stream:
+        values = [line.rstrip(b"\r\n") for line in stream if line.strip()]
+    bootstrap = _bootstrap(args)
+    produced = asyncio.run(produce(bootstrap, args.topic, values))
+    print(f"produced {produced} records to {args.topic} at {bootstrap}", file=sys.stderr)
+    return 0

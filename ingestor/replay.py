@@ -15,8 +15,9 @@ version without `ingestor.identifier` is given the identifier derived from its `
 in the namespace of the cluster (INGESTOR_IDENTIFIER_NAMESPACE, else the cluster id): the same on every
 replay.
 
-Records with reason `stripe_async_error` hold Stripe's error report about an event, not the event, so
-they are skipped unless asked for by name.
+Without `--reason`, only the reasons a fix outside the record can change are replayed (`FIXABLE_REASONS`);
+the others are skipped and counted. Records with reason `stripe_async_error` hold Stripe's error report
+about an event, not the event, so they are skipped unless asked for by name.
 """
 
 from __future__ import annotations
@@ -107,10 +108,31 @@ def _digits(text: str | None) -> TypeGuard[str]:
     return text is not None and text.isascii() and text.isdigit()
 
 
+#: What is replayed without `--reason`: the reasons a fix outside the record can change, so that the same
+#: bytes may be billed on replay. A meter created, reactivated or given other payload keys (`meter_unknown`,
+#: `meter_inactive`, `customer_missing`, `value_missing`); INGESTOR_MAX_RECORD_BYTES raised
+#: (`record_too_large`); a customer created or an account fixed at Stripe (`stripe_rejected`); an outage over
+#: (`retries_exhausted`). Every other reason is decided by the record's own bytes (`not_json`,
+#: `value_invalid`, a timestamp older than 35 days...): replayed as they are they would only be dead-lettered
+#: again, so they are replayed only when named with `--reason`. `stripe_async_error` holds Stripe's report,
+#: not the event.
+FIXABLE_REASONS: Final = frozenset(
+    {
+        "meter_unknown",
+        "meter_inactive",
+        "customer_missing",
+        "value_missing",
+        "record_too_large",
+        "stripe_rejected",
+        "retries_exhausted",
+    }
+)
+
+
 def selects(reasons: frozenset[str] | None, reason: str) -> bool:
-    """Whether a record with `reason` is replayed; `reasons` None: every reason that holds an event."""
+    """Whether a record with `reason` is replayed; `reasons` None: the reasons a fix can change."""
     if reasons is None:
-        return reason not in {REPORT_REASON, NO_REASON, TOMBSTONE_REASON}
+        return reason in FIXABLE_REASONS
     return reason in reasons
 
 
@@ -268,6 +290,13 @@ async def replay(
         if publisher is not None:
             await publisher.flush()
             tally.published = publisher.acked
+    unfixable = {r: n for r, n in sorted(tally.by_reason.items()) if r not in FIXABLE_REASONS | {REPORT_REASON}}
+    if options.reasons is None and unfixable:
+        counts = ", ".join(f"{reason} {count}" for reason, count in unfixable.items())
+        warn(
+            f"skipped records whose reason no fix outside the record can change ({counts}): replayed as they "
+            "are they would be dead-lettered again; name a reason with --reason to replay it anyway"
+        )
     if tally.reports_skipped:
         warn(
             f"skipped {tally.reports_skipped} records with reason {REPORT_REASON}: they hold Stripe's error "
@@ -343,7 +372,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=_reason,
         metavar="CODE",
-        help=f"replay only this reason code (repeatable; default: every reason but {REPORT_REASON})",
+        help=f"replay only this reason code (repeatable; default: {', '.join(sorted(FIXABLE_REASONS))})",
     )
     replay_parser.add_argument("--dry-run", action="store_true", help="publish nothing; show what would be replayed")
     replay_parser.add_argument(

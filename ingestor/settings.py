@@ -587,8 +587,8 @@ def _check(values: dict[str, Any]) -> None:
         raise SettingsError("STRIPE_API_KEY must be a Stripe secret or restricted key (sk_... or rk_...)")
     if values["security_protocol"].startswith("SASL") and not values["sasl_username"]:
         raise SettingsError("KAFKA_SASL_USERNAME must be set with KAFKA_SECURITY_PROTOCOL=SASL_*")
-    if values["meter_catalog"] == "static" and not values["meters"]:
-        raise SettingsError("INGESTOR_METERS must be set with INGESTOR_METER_CATALOG=static")
+    if values["meter_catalog"] == "static":
+        _check_static_meters(values["meters"])
     if values["webhook_port"] and not values["webhook_secret"]:
         raise SettingsError(
             "STRIPE_WEBHOOK_SECRET or STRIPE_WEBHOOK_SECRET_FILE must be set with INGESTOR_WEBHOOK_PORT"
@@ -601,12 +601,25 @@ def _check(values: dict[str, Any]) -> None:
         raise SettingsError("INGESTOR_DLQ_TOPIC must not be one of INGESTOR_TOPICS")
 
 
+def _check_static_meters(text: str) -> None:
+    """INGESTOR_METERS must parse when it is the catalog: found here, not by the worker once running."""
+    if not text:
+        raise SettingsError("INGESTOR_METERS must be set with INGESTOR_METER_CATALOG=static")
+    from ingestor import catalog  # noqa: PLC0415 - the catalog's parser is the one reference
+
+    try:
+        catalog.from_static(text)
+    except catalog.CatalogError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def _value(var: Var, environ: Mapping[str, str], override: str | None = None) -> Any:
     """One variable's parsed value: `override`, else the environment, else its default."""
     raw = override or environ.get(var.env)
-    if raw is None or (raw.strip() == "" and var.default is not None):
-        if var.default is None:
-            raise SettingsError(f"{var.env} must be set: {var.help}")
+    if raw is None or raw.strip() == "":
+        if var.default is None:  # a required variable set to "" is as good as missing
+            state = "missing" if raw is None else "empty"
+            raise SettingsError(f"{var.env} must be set (it is {state}): {var.help}")
         raw = var.default
     return var.parse(var.env, raw) if raw != "" else ""
 

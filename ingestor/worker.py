@@ -42,11 +42,12 @@ from ingestor.clock import SYSTEM_CLOCK, Clock
 from ingestor.deadletter import DEFAULT_TOPIC_MAX_BYTES, DeadLetterWriter, TopicLimit
 from ingestor.delivery import Delivery
 from ingestor.events import Decoder
+from ingestor.meter_refresh import UnknownMeterHold
 from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
 from ingestor.partition_health import PartitionWatch
-from ingestor.session import SessionManager, create_session
+from ingestor.session import SessionAuthError, SessionError, SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
 from ingestor.transactions import PartitionTransactions
@@ -56,7 +57,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from types import TracebackType
 
+    from aiohttp import web
+
     from ingestor.cancellation import Cancellation
+    from ingestor.errors import Rejection
     from ingestor.settings import Settings
 
 log = logging.getLogger("ingestor.worker")
@@ -93,6 +97,8 @@ class Worker:
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes)
         self.catalog = catalog_mod.MeterCatalog()
         self.decoder = Decoder(self.catalog, max_record_bytes=settings.max_record_bytes)
+        #: meter_unknown records waiting for a catalog refresh (a catalog read from Stripe only)
+        self.unknown_meters = UnknownMeterHold() if settings.meter_catalog == "stripe" else None
         self.budget = RequestBudget(
             settings.effective_rps_budget, clock.monotonic(), BudgetPolicy(headroom=settings.budget_headroom)
         )
@@ -145,10 +151,9 @@ class Worker:
 
     async def _start(self) -> None:
         s = self.settings
-        runner, self.metrics_port = await start_site(
-            http_app(self.metrics, self.health), s.metrics_host, s.metrics_port
+        self.metrics_port = await self._serve(
+            http_app(self.metrics, self.health), s.metrics_port, "INGESTOR_METRICS_PORT", "/metrics /healthz /readyz"
         )
-        self._exit.push_async_callback(runner.cleanup)
         connector = aiohttp.TCPConnector(limit=s.max_in_flight + 8, ttl_dns_cache=300, keepalive_timeout=30)
         self._http = aiohttp.ClientSession(connector=connector)
         self._exit.push_async_callback(self._http.close)
@@ -160,6 +165,7 @@ class Worker:
             margin_seconds=s.session_refresh_margin_s,
         )
         await self._exit.enter_async_context(self.sessions)
+        await self._check_key()
         await self._load_catalog()
         self.producer = self._make_producer(None)
         await self.producer.start()
@@ -264,8 +270,34 @@ class Worker:
             topic=s.effective_error_report_topic,
             metrics=self.metrics,
         )
-        runner, self.webhook_port = await start_site(app, s.metrics_host, s.webhook_port)
+        self.webhook_port = await self._serve(app, s.webhook_port, "INGESTOR_WEBHOOK_PORT", "POST /webhooks/stripe")
+
+    # --- start-up checks: a setting found wrong at start stops it with a SettingsError (exit 2)
+
+    async def _serve(self, app: web.Application, port: int, env: str, paths: str) -> int:
+        """Serve `app` on INGESTOR_METRICS_HOST and `port` (a port in use is a SettingsError naming `env`)."""
+        host = self.settings.metrics_host
+        try:
+            runner, bound = await start_site(app, host, port)
+        except OSError as exc:
+            raise SettingsError(f"{env}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._exit.push_async_callback(runner.cleanup)
+        address = f"http://{_url_host(host)}:{bound}"
+        log.info("serving %s at %s", paths, address, extra={"paths": paths, "address": address, "setting": env})
+        return bound
+
+    async def _check_key(self) -> None:
+        """The first session: a key Stripe refuses (401/403) at start is a setting to fix, not an incident.
+
+        Any other failure (Stripe unreachable, 5xx) is left to the rotator, which retries it (and alerts).
+        """
+        assert self.sessions is not None
+        try:
+            await self.sessions.token()
+        except SessionAuthError as exc:
+            raise _key_refused("creating a meter event session", exc.status) from None
+        except SessionError as exc:
+            log.warning("no meter event session yet; retrying in the background", extra={"error": str(exc)})
 
     async def _check_topics(self) -> None:
         """Refuse to start without the dead-letter topic: a bad record would block its partition forever."""
@@ -301,7 +333,12 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.catalog.replace(await self._fetch_catalog())
-            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except catalog_mod.CatalogError as exc:
+                if exc.status in _REFUSED:
+                    raise _key_refused("reading the meter catalog (GET /v1/billing/meters)", exc.status) from None
+                log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
+                await asyncio.sleep(CATALOG_RETRY_S)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
                 await asyncio.sleep(CATALOG_RETRY_S)
             else:
@@ -347,6 +384,8 @@ class Worker:
             coros.append(self.dead_letters.run())
         if self.settings.meter_catalog == "stripe":
             coros.append(self._catalog_loop())
+        if self.unknown_meters is not None:
+            coros.append(self._unknown_meter_loop())
         tasks = [asyncio.create_task(c) for c in coros]
         for task in tasks:
             task.add_done_callback(self._on_task_done)
@@ -376,8 +415,6 @@ class Worker:
     def _ingest(self, data: dict[TopicPartition, list[Any]]) -> None:
         now_wall, now = time.time(), self.clock.monotonic()
         tracker, batcher, queue = self.tracker, self.batcher, self.queue
-        assert self.dead_letters is not None
-        submit = self.dead_letters.submit
         for tp, records in data.items():
             if not records:
                 continue
@@ -389,16 +426,24 @@ class Worker:
                 chunk = tracker.open(tp, part.start, part.end, part.count)
                 if chunk.released:
                     break
-                for record, rejection in part.rejected:
-                    identifier = self.decoder.identifier_of(record)
-                    submit(
-                        chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall
-                    )
+                rejected = part.rejected
+                if rejected:
+                    if self.unknown_meters is not None:  # they wait for one catalog refresh (see meter_refresh)
+                        rejected = self.unknown_meters.hold(chunk, rejected)
+                    self._dead_letter(chunk, rejected, now_wall)
                 for batch in batcher.add(chunk, part.events, part.sources, now):
                     queue.put_nowait(batch)
                 if part.cancellation is not None:
                     self.adjuster.submit(chunk, part.cancellation)  # type: ignore[union-attr]
             self.metrics.events_consumed.labels(tp.topic).inc(len(records))
+
+    def _dead_letter(self, chunk: Chunk, rejected: list[tuple[Any, Rejection]], now_wall: float) -> None:
+        assert self.dead_letters is not None
+        for record, rejection in rejected:
+            identifier = self.decoder.identifier_of(record)
+            self.dead_letters.submit(
+                chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall
+            )
 
     def _backpressure(self) -> None:
         """Pause everything above INGESTOR_MAX_BUFFERED_EVENTS pending records, and each partition that
@@ -627,10 +672,33 @@ class Worker:
     async def _catalog_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.meter_refresh_s)
-            try:
-                self.catalog.replace(await self._fetch_catalog())
-            except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
+            await self._refresh_catalog()
+
+    async def _refresh_catalog(self) -> None:
+        try:
+            self.catalog.replace(await self._fetch_catalog())
+        except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
+
+    async def _unknown_meter_loop(self) -> None:
+        """Held `meter_unknown` records: refresh the catalog (rate-limited), then decode them again."""
+        hold = self.unknown_meters
+        assert hold is not None
+        while True:
+            await hold.waiting.wait()
+            await asyncio.sleep(max(0.0, hold.refresh_in(self.clock.monotonic())))
+            held = hold.take(self.clock.monotonic())
+            await self._refresh_catalog()
+            waited = sum(len(records) for _, records in held)
+            log.info("meter catalog refreshed for unknown event names", extra={"records": waited})
+            now_wall, now = time.time(), self.clock.monotonic()
+            for chunk, records in held:
+                if chunk.released:  # revoked meanwhile: the partition's next owner reads them again
+                    continue
+                events, sources, rejected = self.decoder.decode(records, now_wall)
+                self._dead_letter(chunk, rejected, now_wall)
+                for batch in self.batcher.add(chunk, events, sources, now):
+                    self.queue.put_nowait(batch)
 
     # ----------------------------------------------------------------- state for metrics
 
@@ -761,3 +829,20 @@ class Worker:
             "Dead-letter records waiting for Kafka's ack.",
             lambda: one(self.dead_letters.backlog if self.dead_letters else 0),
         )
+
+
+#: Stripe's answers to a key it does not accept: 401 (unknown, revoked) and 403 (lacks a permission).
+_REFUSED = frozenset({401, 403})
+
+
+def _key_refused(doing: str, status: int | None) -> SettingsError:
+    """The key is never shown: only what was refused and how."""
+    return SettingsError(
+        f"STRIPE_API_KEY/STRIPE_API_KEY_FILE: Stripe refused the key (HTTP {status}) {doing}; "
+        "check that it is the account's secret key (or a restricted key with meter permissions) "
+        "for the right mode and that it is not revoked"
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -310,3 +310,55 @@ def test_plaintext_broker_settings_are_unchanged_without_secure_listeners(tmp_pa
     assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
     assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092"
     assert not any(key.startswith(("ssl.", "listener.name.")) for key in props)
+
+
+def test_a_port_whose_connections_linger_in_time_wait_is_free_for_the_broker() -> None:
+    """After `kafka down`, the broker's closed connections sit in TIME_WAIT for a minute; the broker itself
+    binds with SO_REUSEADDR and starts, so the probe must not call the port "in use" either."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker (Java) listens
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's side closes first: its end of the connection enters TIME_WAIT
+            client.recv(1)
+    devkafka._ensure_port_free(port)
+
+
+@pytest.mark.slow
+def test_cli_down_says_what_it_deletes_and_keeps_data_when_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    libs = fetch()
+    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
+    (tmp_path / KAFKA_VERSION).mkdir()
+    (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
+    port = devkafka.free_port()
+    lines = tmp_path / "events.jsonl"
+    lines.write_text('{"event_name": "a", "payload": {}}\n\n{"event_name": "b", "payload": {}}\n')
+    try:
+        assert cli.main(["kafka", "up", "--port", str(port)]) == 0
+        assert cli.main(["kafka", "create-topic", "kept", "--partitions", "2"]) == 0
+        assert cli.main(["kafka", "create-topic", "kept"]) == 0  # an existing topic is not an error
+        assert cli.main(["kafka", "produce", "kept", str(lines)]) == 0
+        assert "produced 2 records to kept" in capsys.readouterr().err
+        state = BrokerState.load()
+        assert state is not None
+        assert cli.main(["kafka", "down", "--keep-data"]) == 0
+        assert f"kept its data in {state.data_dir}" in capsys.readouterr().err
+        # at once, on the same port: the connections the broker just closed do not make it "in use"
+        assert cli.main(["kafka", "up", "--port", str(port)]) == 0
+        assert "reusing the data" in capsys.readouterr().err
+        records = asyncio.run(consume_all(f"127.0.0.1:{port}", "kept", 2))
+        assert sorted(value for _, _, value in records) == [
+            b'{"event_name": "a", "payload": {}}',
+            b'{"event_name": "b", "payload": {}}',
+        ]
+    finally:
+        assert cli.main(["kafka", "down"]) == 0
+    err = capsys.readouterr().err
+    assert f"deleted its data in {state.data_dir}" in err
+    assert "--keep-data" in err
+    assert not Path(state.data_dir).exists()

@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingestor import dlq_format, replay
 from ingestor.cli import build_parser
+from ingestor.errors import REASONS
 from ingestor.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -48,9 +49,13 @@ def dead(key: bytes | None, value: bytes | None, reason: str | None, **kw: Any) 
 # --- pure parts -------------------------------------------------------------------------------------
 
 
-def test_default_selection_is_every_reason_holding_an_event() -> None:
-    assert replay.selects(None, "not_json")
-    assert replay.selects(None, "some_future_reason")
+def test_default_selection_is_the_reasons_a_fix_can_change() -> None:
+    for reason in ("meter_unknown", "meter_inactive", "stripe_rejected", "retries_exhausted", "record_too_large"):
+        assert replay.selects(None, reason)
+    for reason in ("not_json", "not_object", "value_invalid", "timestamp_too_far_in_past", "tombstone"):
+        assert not replay.selects(None, reason)
+    assert set(REASONS) >= replay.FIXABLE_REASONS
+    assert replay.selects(frozenset({"not_json"}), "not_json")
     assert not replay.selects(None, "stripe_async_error")
     assert not replay.selects(None, replay.NO_REASON)
     assert replay.selects(frozenset({"stripe_async_error"}), "stripe_async_error")
@@ -189,14 +194,15 @@ async def test_filter_by_reason(kafka_bootstrap: str, topics: Any, capsys: pytes
 
 
 @pytest.mark.kafka
-async def test_default_replays_every_event_reason_and_skips_reports(
+async def test_default_replays_what_a_fix_can_change_and_says_what_it_skipped(
     kafka_bootstrap: str, topics: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dlq, events = await topics(1)
     await produce_records(kafka_bootstrap, dlq, MIXED)
     assert await run_replay(kafka_bootstrap, "--from-topic", dlq, "--to-topic", events) == 0
-    assert [k for k, _, _ in await read_all(kafka_bootstrap, events)] == [b"k1", b"k2", b"k4"]
+    assert [k for k, _, _ in await read_all(kafka_bootstrap, events)] == [b"k1", b"k4"]
     captured = capsys.readouterr()
+    assert "skipped records whose reason no fix outside the record can change ((none) 1, not_json 1)" in captured.err
     assert "skipped 1 records with reason stripe_async_error" in captured.err
     assert "cannot be replayed as events" in captured.err
 
@@ -224,8 +230,8 @@ async def test_dry_run_publishes_nothing(kafka_bootstrap: str, topics: Any, caps
     assert "  not_json: 1\n" in out
     assert "  stripe_async_error: 1\n" in out
     assert f"  {dlq}/0/0 meter_unknown: it failed\n" in out
-    assert f"  {dlq}/0/1 not_json: it failed\n" in out
-    assert f"dry run: would replay 3 of 5 records from {dlq} to {events} (2 skipped)" in out
+    assert f"  {dlq}/0/1 not_json: it failed\n" not in out
+    assert f"dry run: would replay 2 of 5 records from {dlq} to {events} (3 skipped)" in out
 
 
 @pytest.mark.kafka
@@ -256,8 +262,8 @@ async def test_limit(kafka_bootstrap: str, topics: Any, capsys: pytest.CaptureFi
     dlq, events = await topics(1)
     await produce_records(kafka_bootstrap, dlq, MIXED)
     assert await run_replay(kafka_bootstrap, "--from-topic", dlq, "--to-topic", events, "--limit", "2") == 0
-    assert [k for k, _, _ in await read_all(kafka_bootstrap, events)] == [b"k1", b"k2"]
-    assert "replayed 2 of 2 records" in capsys.readouterr().out
+    assert [k for k, _, _ in await read_all(kafka_bootstrap, events)] == [b"k1", b"k4"]
+    assert "replayed 2 of 4 records" in capsys.readouterr().out
 
 
 @pytest.mark.kafka
@@ -295,14 +301,14 @@ async def test_reading_stops_at_the_snapshot(kafka_bootstrap: str, topics: Any) 
 @pytest.mark.kafka
 async def test_replay_ends_while_the_dlq_keeps_growing(kafka_bootstrap: str, topics: Any) -> None:
     dlq, events = await topics(2)
-    early = [dead(f"e{i}".encode(), b"{}", "not_json") for i in range(200)]
+    early = [dead(f"e{i}".encode(), b"{}", "meter_unknown") for i in range(200)]
     await produce_records(kafka_bootstrap, dlq, early, partitions=2)
     stop = asyncio.Event()
 
     async def keep_dead_lettering() -> None:
         batch = 0
         while not stop.is_set():
-            await produce_records(kafka_bootstrap, dlq, [dead(f"l{batch}".encode(), b"{}", "not_json")], 2)
+            await produce_records(kafka_bootstrap, dlq, [dead(f"l{batch}".encode(), b"{}", "meter_unknown")], 2)
             batch += 1
 
     writer = asyncio.create_task(keep_dead_lettering())

@@ -1,6 +1,8 @@
 """`ingestor emulator`: run the Stripe API emulator until SIGTERM or SIGINT.
 
 Prints `emulator listening on http://HOST:PORT` (flushed) once it accepts connections.
+`ingestor emulator create-meter NAME` and `ingestor emulator totals NAME --customer C` talk to a running one
+(see `ingestor.emulator.client_cli`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ingestor.emulator import client_cli
 from ingestor.emulator.config import EmulatorConfig
 from ingestor.emulator.faults import faults_from_json
 from ingestor.emulator.limits import DEFAULT_SESSION_TTL_S, DEFAULT_VALIDATION_INTERVAL_S, MAX_BODY_BYTES
@@ -55,6 +58,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="a fault (repeatable), e.g. error_retry_true=0.05, latency_s=0.02, scope=all, refuse_connections=true",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    actions = parser.add_subparsers(dest="emulator_action", metavar="ACTION", required=False)
+    client_cli.configure_parsers(actions)
 
 
 def _fault_changes(items: list[str]) -> dict[str, Any]:
@@ -105,6 +110,8 @@ def _loop_factory() -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "emulator_action", None):  # a client of a running emulator
+        return client_cli.main(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tune_gc()
     try:

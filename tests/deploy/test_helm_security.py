@@ -35,7 +35,7 @@ BASE_CONFIG = {
     "KAFKA_BOOTSTRAP_SERVERS": "kafka-0.kafka:9093",
     "INGESTOR_TOPICS": "usage-events",
     "INGESTOR_METER_CATALOG": "static",
-    "INGESTOR_METERS": "api_calls",
+    "INGESTOR_METERS": '{"api_calls": {}}',
 }
 #: What a user puts in the TLS Secret: kubectl create secret generic kafka-tls --from-file=ca.crt ...
 TLS_SECRET_KEYS = {"ca.crt": "ca_file", "tls.crt": "client_cert", "tls.key": "client_key"}

@@ -101,7 +101,9 @@ async def test_worker_dead_letters_and_replay_in_each_security_mode(secure_kafka
     [letter] = await read_topic(plain, dlq)
     assert letter.value == BAD_VALUE
 
-    replay = await asyncio.to_thread(run_cli, ["dlq", "replay", "--from-topic", dlq, "--to-topic", replayed], env)
+    replay = await asyncio.to_thread(
+        run_cli, ["dlq", "replay", "--from-topic", dlq, "--to-topic", replayed, "--reason", "not_json"], env
+    )
 
     assert replay.returncode == 0, replay.stderr
     assert "replayed 1 of 1 records" in replay.stdout
