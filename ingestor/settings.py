@@ -198,6 +198,21 @@ SETTINGS: tuple[Var, ...] = (
         _float_range(0.0, 0.5),
     ),
     Var(
+        "INGESTOR_BUDGET_TOPIC",
+        "budget_topic",
+        "ingestor.budget",
+        "Compacted topic where replicas publish their demand to share the budget by demand (created when"
+        " missing, one partition); empty: share by owned partitions instead.",
+        _str,
+    ),
+    Var(
+        "INGESTOR_BUDGET_EXCHANGE_INTERVAL_S",
+        "budget_exchange_interval_s",
+        "0.5",
+        "How often each replica publishes its demand; a raise waits 4 intervals, a silent replica expires after 10.",
+        _float_range(0.1, 5.0),
+    ),
+    Var(
         "INGESTOR_SESSION_REFRESH_MARGIN_S",
         "session_refresh_margin_s",
         "60",
@@ -404,6 +419,8 @@ class Settings:
     stripe_version: str
     rps_budget: int | None
     budget_headroom: float
+    budget_topic: str
+    budget_exchange_interval_s: float
     session_refresh_margin_s: float
     meter_catalog: str
     meters: str
@@ -538,6 +555,8 @@ def _check(values: dict[str, Any]) -> None:
         raise SettingsError("INGESTOR_RETRY_MAX_S must be at least INGESTOR_RETRY_BASE_S")
     if values["dlq_topic"] in values["topics"]:
         raise SettingsError("INGESTOR_DLQ_TOPIC must not be one of INGESTOR_TOPICS")
+    if values["budget_topic"] and values["budget_topic"] in {*values["topics"], values["dlq_topic"]}:
+        raise SettingsError("INGESTOR_BUDGET_TOPIC must differ from INGESTOR_TOPICS and INGESTOR_DLQ_TOPIC")
 
 
 def _value(var: Var, environ: Mapping[str, str], override: str | None = None) -> Any:

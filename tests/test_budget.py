@@ -139,7 +139,7 @@ def test_rate_change_keeps_reserved_slots_and_paces_later_ones_at_the_new_rate()
 def test_pacing_quota_and_rate() -> None:
     assert pacing(0.0, 0.02) == (0.0, 0)
     assert pacing(-1.0, 0.02) == (0.0, 0)
-    assert pacing(0.4, 0.02) == (0.4, 1)  # below 1/s: paced at the nominal rate
+    assert pacing(0.4, 0.02) == (0.0, 0)  # below 1/s: no quota (rounding up would oversend, see below)
     assert pacing(97.0, 0.02) == pytest.approx((98 / 1.02, 97))
     assert pacing(20.5, 0.02) == (20.0, 20)  # burst of 1: the quota itself
     assert pacing(300 * (1 / 3) * 0.97, 0.02)[1] == 97  # float error does not cost a request
@@ -148,8 +148,11 @@ def test_pacing_quota_and_rate() -> None:
 @given(nominal=st.floats(0.01, 50_000), burst_seconds=st.floats(0.0, 0.2))
 def test_pacing_rate_fits_the_quota(nominal: float, burst_seconds: float) -> None:
     rate, quota = pacing(nominal, burst_seconds)
+    if nominal < 1.0:
+        assert (rate, quota) == (0.0, 0)  # never rounded up to one request per second
+        return
     burst = max(1.0, rate * burst_seconds)
-    assert 0 < rate <= max(nominal, 1.0) + 1e-9
+    assert 0 < rate <= nominal + 1e-9
     assert quota <= max(1, nominal + 1e-9)
     assert math.ceil(rate + burst - 1 - 1e-9) <= quota
 
@@ -166,6 +169,10 @@ def test_any_one_second_window_holds_at_most_the_quota(
 ) -> None:
     owned, total = share
     budget = replica(total_rps, owned, total, burst_seconds=burst_seconds)
+    if budget.quota == 0:  # a share below one request/s: nothing at all, rather than one too many
+        with pytest.raises(NoShareError):
+            budget.reserve(0.0)
+        return
     now, sends = 0.0, []
     for gap in gaps:
         now += gap
