@@ -55,6 +55,7 @@ TOPIC_CONFIG: Final = {
     "min.compaction.lag.ms": "0",
 }
 STOP_TIMEOUT_S: Final = 2.0
+TOPIC_READY_TIMEOUT_S: Final = 10.0
 
 
 class DemandMeter:
@@ -179,9 +180,19 @@ class DemandExchange:
                         f"INGESTOR_BUDGET_TOPIC: topic {self.topic!r} does not exist and cannot be created "
                         f"(Kafka error {code}); create it with one partition, or set it empty to share by partitions"
                     )
+            await self._wait_for_leader(admin)
             log.info("budget demand topic created", extra={"topic": self.topic})
         finally:
             await admin.close()
+
+    async def _wait_for_leader(self, admin: Any) -> None:
+        """A new topic's partition needs a leader before the clients use it (bounded wait)."""
+        for _ in range(int(TOPIC_READY_TIMEOUT_S / 0.1)):
+            described = await admin.describe_topics([self.topic])
+            parts = described[0].get("partitions") or [] if described else []
+            if any(p.get("leader", -1) >= 0 for p in parts):
+                return
+            await asyncio.sleep(0.1)
 
     # ---------------------------------------------------------------- loops
 

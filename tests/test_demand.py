@@ -49,7 +49,7 @@ def test_max_min_fairness() -> None:
     grants = fair_grants(291, {"a": 291, "b": 291, "c": 5}, ["a", "b", "c"])
     assert grants == {"a": 143, "b": 143, "c": 5}
     # more busy replicas than units: one each, in priority order
-    grants = fair_grants(4, {m: 4 for m in "abcdef"}, list("fedcba"))
+    grants = fair_grants(4, dict.fromkeys("abcdef", 4), list("fedcba"))
     assert grants == {"f": 1, "e": 1, "d": 1, "c": 1, "b": 0, "a": 0}
 
 
