@@ -6,7 +6,7 @@ This replica's *quota* (requests in any 1-second window of its sends) comes from
 - a *grant* (`set_quota`): by default, the demand exchange (`ingestor.demand`, `ingestor.exchange`)
   shares the budget by demand among the replicas and sets an integer quota; or
 - a *share* (`set_share`): the fraction of the topics' partitions this replica owns, when the
-  exchange is off (INGESTOR_BUDGET_TOPIC empty) or as the exchange's fallback. Then
+  exchange is off (INGESTOR_BUDGET_TOPIC=off) or as the exchange's fallback. Then
   ``quota = floor(total_rps * share * (1 - headroom))``; below one request/s that is 0, not 1: a
   replica cannot round itself up (30 replicas on a 25 requests/s sandbox must not send 30 in a second).
 

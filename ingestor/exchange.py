@@ -178,7 +178,7 @@ class DemandExchange:
                 if code and code != TopicAlreadyExistsError.errno:
                     raise SettingsError(
                         f"INGESTOR_BUDGET_TOPIC: topic {self.topic!r} does not exist and cannot be created "
-                        f"(Kafka error {code}); create it with one partition, or set it empty to share by partitions"
+                        f"(Kafka error {code}); create it with one partition, or set it to off to share by partitions"
                     )
             await self._wait_for_leader(admin)
             log.info("budget demand topic created", extra={"topic": self.topic})
@@ -285,7 +285,7 @@ class DemandExchange:
 def from_settings(
     settings: Settings, gate: BudgetGate, ownership: Callable[[], tuple[int, int]], clock: Clock
 ) -> DemandExchange | None:
-    """The exchange the settings ask for; None when INGESTOR_BUDGET_TOPIC is empty (share by partitions)."""
+    """The exchange the settings ask for; None when INGESTOR_BUDGET_TOPIC is off (share by partitions)."""
     if not settings.budget_topic:
         return None
     return DemandExchange(

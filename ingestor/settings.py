@@ -102,6 +102,12 @@ def _url(name: str, raw: str) -> str:
     return value
 
 
+def _topic_or_off(name: str, raw: str) -> str:
+    """A topic name, or "off" (returned as "")."""
+    value = raw.strip()
+    return "" if value == "off" else _str(name, value)
+
+
 def _optional_int(lo: int) -> Callable[[str, str], int | None]:
     inner = _int_range(lo)
 
@@ -202,8 +208,8 @@ SETTINGS: tuple[Var, ...] = (
         "budget_topic",
         "ingestor.budget",
         "Compacted topic where replicas publish their demand to share the budget by demand (created when"
-        " missing, one partition); empty: share by owned partitions instead.",
-        _str,
+        " missing, one partition; records keyed by consumer group); off: share by owned partitions instead.",
+        _topic_or_off,
     ),
     Var(
         "INGESTOR_BUDGET_EXCHANGE_INTERVAL_S",

@@ -20,7 +20,7 @@ def test_defaults_load():
     assert s.stripe_meter_events_base == "https://meter-events.stripe.com"
     assert s.effective_error_report_topic == s.dlq_topic
     assert s.budget_topic == "ingestor.budget"
-    assert load({**BASE, "INGESTOR_BUDGET_TOPIC": ""}).budget_topic == ""  # share by partitions
+    assert load({**BASE, "INGESTOR_BUDGET_TOPIC": "off"}).budget_topic == ""  # share by partitions
 
 
 @pytest.mark.parametrize(
