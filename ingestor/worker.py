@@ -584,7 +584,7 @@ class Worker:
         if self.transactions is not None:
             await self.transactions.assign(assigned)  # fences earlier owners of these partitions
         self.health.joined = True
-        owned, total = self._ownership()
+        owned, total = len(self.consumer.assignment()), self._ownership()[1]
         if self.exchange is None:
             self.gate.set_share(owned, total)
         log.info(
@@ -593,10 +593,11 @@ class Worker:
         )
 
     def _ownership(self) -> tuple[int, int]:
-        """(partitions this replica owns, partitions of all its topics): the budget's share."""
+        """(partitions this replica owns, partitions of all its topics): the budget's share. Owned as the
+        tracker sees it: a partition being revoked counts until it is released (its drain needs budget)."""
         if self.consumer is None:
             return 0, 0
-        owned = len(self.consumer.assignment())
+        owned = len(self.tracker.assigned())
         return owned, sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.settings.topics)
 
     # ----------------------------------------------------------------- catalog
