@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from aiokafka.structs import TopicPartition
+from typing import TYPE_CHECKING
 
 from ingestor.settings import load
 from ingestor.worker import Worker
+
+if TYPE_CHECKING:
+    from aiokafka.structs import TopicPartition
 
 ENV = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092", "INGESTOR_TOPICS": "usage", "STRIPE_API_KEY": "sk_test_wiring"}
 
