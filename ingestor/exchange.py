@@ -5,9 +5,11 @@ replica's demand every INGESTOR_BUDGET_EXCHANGE_INTERVAL_S, a consumer reads the
 partition from its beginning, and a ticker turns the picture into the budget gate's quota ten times a
 second. The topic (INGESTOR_BUDGET_TOPIC) is created when missing: one partition (every replica must
 read every record in one order), compacted and deleted after an hour (it holds one small record per
-live replica). Records are keyed ``<group id>/<member>``; replicas of other consumer groups on the same
-topic are ignored (each deployment has its own INGESTOR_RPS_BUDGET). The value is JSON
-``{"seq", "demand", "owned"}``; a clean stop writes a tombstone.
+live replica), broker timestamps. Records already there at start are ignored when older than the TTL
+(replicas gone before); every later record counts, whatever its timestamp. Records are keyed
+``<group id>/<member>``; replicas of other consumer groups on the same topic are ignored (each
+deployment has its own INGESTOR_RPS_BUDGET). The value is JSON ``{"seq", "demand", "owned"}``; a
+clean stop writes a tombstone.
 
 No request waits on Kafka: the gate keeps pacing at the last quota, and a quota only falls while the
 picture goes stale (`ingestor.demand` explains when it falls to zero and when to the fallback share).
@@ -53,6 +55,7 @@ TOPIC_CONFIG: Final = {
     "retention.ms": "3600000",
     "segment.ms": "600000",
     "min.compaction.lag.ms": "0",
+    "message.timestamp.type": "LogAppendTime",
 }
 STOP_TIMEOUT_S: Final = 2.0
 TOPIC_READY_TIMEOUT_S: Final = 10.0
@@ -123,6 +126,8 @@ class DemandExchange:
         self._sending: asyncio.Task[None] | None = None
         self._stopped = False
         self._left = False
+        #: records below this offset were there before we started: those older than the TTL are ignored
+        self._catch_up_to = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -139,6 +144,7 @@ class DemandExchange:
         await self._consumer.start()
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)
+        self._catch_up_to = (await self._consumer.end_offsets([self._tp]))[self._tp]
         self.gate.set_quota(0)
         for coro in (self._read_loop(), self._tick_loop()):
             task = asyncio.create_task(coro)
@@ -208,8 +214,10 @@ class DemandExchange:
             now, oldest_ms = self._clock.monotonic(), (self._clock.time() - self.timing.ttl) * 1000
             for record in batch.get(self._tp, ()):
                 key = (record.key or b"").decode("utf-8", "replace")
-                if not key.startswith(prefix) or record.timestamp < oldest_ms:
+                if not key.startswith(prefix):
                     continue
+                if record.offset < self._catch_up_to and record.timestamp < oldest_ms:
+                    continue  # a replica gone before we started (later records always count)
                 self._receive(key[len(prefix) :], record.value, now)
 
     def _receive(self, member: str, raw: bytes | None, now: float) -> None:
