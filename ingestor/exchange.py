@@ -164,8 +164,9 @@ class DemandExchange:
             self._sending.cancel()
             await asyncio.gather(self._sending, return_exceptions=True)
         if self._producer is not None:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                await asyncio.wait_for(self._send(None), STOP_TIMEOUT_S)
+            if self._tasks:  # started: withdraw our demand
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    await asyncio.wait_for(self._send(None), STOP_TIMEOUT_S)
             await self._producer.stop()
         if self._consumer is not None:
             await self._consumer.stop()

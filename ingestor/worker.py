@@ -211,8 +211,8 @@ class Worker:
         await self._check_topics()
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
         if self.exchange is not None:
+            self._exit.push_async_callback(self.exchange.stop)  # also closes what a failed start opened
             await self.exchange.start(self._on_task_done)
-            self._exit.push_async_callback(self.exchange.stop)
 
     def _make_producer(self, transactional_id: str | None) -> Any:
         """The dead-letter (and webhook) producer: idempotent, acks=all; transactional when given an id."""

@@ -8,12 +8,16 @@ import time
 
 import pytest
 
+from ingestor import settings
+from ingestor.demand import Mode
 from ingestor.devkafka import committed_offsets, produce
 from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor.worker import Worker
 from tests.integration.harness import (
     StripeApi,
     end_offsets,
     ensure_topic,
+    running_worker,
     start_worker_process,
     stop_process,
     wait_for,
@@ -113,3 +117,29 @@ async def test_more_replicas_than_requests_per_second_never_exceed_the_budget(ka
         await assert_totals(api, meter_ids, totals)
     assert stats["events_accepted"] == stats["unique_identifiers"] == len(values)
     assert stats["stream_max_requests_per_1s_window"] <= budget, sorted(stats["stream_requests_per_second"].items())
+
+
+async def test_the_worker_creates_its_demand_topic_or_refuses_to_start_naming_it(kafka_bootstrap, topic_factory):
+    topic = await topic_factory(2, "exchange")
+    async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
+        env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_METER_CATALOG="off")
+        await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
+        bad = Worker(settings.load({**env, "INGESTOR_BUDGET_TOPIC": "no/such topic"}))
+        with pytest.raises(settings.SettingsError, match="INGESTOR_BUDGET_TOPIC"):
+            async with bad:
+                pass
+        demand_topic = f"{topic}.demand"
+        async with running_worker({**env, "INGESTOR_BUDGET_TOPIC": demand_topic}) as worker:
+            assert worker.exchange is not None
+
+            values, _ = usage(200, seed=31)
+            await produce(kafka_bootstrap, topic, values)
+            api = StripeApi(emu.url)
+
+            async def delivered() -> bool:
+                return (await api.stats())["events_accepted"] >= len(values)
+
+            await wait_for(delivered, 60, "delivery under a grant of the exchange")
+            assert worker.exchange.decision.mode is Mode.EXCHANGE
+            assert worker.exchange.decision.members == 1
+            assert set(await end_offsets(kafka_bootstrap, demand_topic)) == {0}  # one partition
