@@ -313,7 +313,8 @@ class RequestBudget:
         if quota == self.granted:
             return
         self.granted = quota
-        self.share = quota / self.total_rps
+        usable = max(1.0, math.floor(self.total_rps * (1.0 - self.policy.headroom) + _QUOTA_EPSILON))
+        self.share = min(1.0, quota / usable)  # as a partition share: of the budget less its headroom
         self._retune()
 
     def on_rate_limited(self, now: float) -> bool:
