@@ -145,6 +145,8 @@ class Timing:
     interval: float = 0.5
     #: the producer gives up on a record after this long (bounds when an unacked write can land)
     send_timeout: float = 5.0
+    #: how often the shell applies a decision: a quota stands this long on a picture this old
+    tick: float = 0.1
 
     @property
     def settle(self) -> float:
@@ -249,7 +251,10 @@ class DemandBook:
     # ---------------------------------------------------------------- decisions
 
     def fresh(self, now: float) -> bool:
-        return self._echo_sent is not None and now - self._echo_sent < self.timing.settle
+        """Our latest echo was sent recently enough that the quota decided now still holds at the next
+        tick: everything a peer may already count on (published ``settle`` ago) is in our picture."""
+        limit = self.timing.settle - 2 * self.timing.tick
+        return self._echo_sent is not None and now - self._echo_sent < limit
 
     def effective_demand(self, demand: int, now: float) -> int:
         """Our own demand as the grant computation may use it: lowered at once, raised after settling."""

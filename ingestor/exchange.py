@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingestor.exchange")
 
-TICK_S: Final = 0.1
 #: Demand is "wants more" for this long after callers were last seen waiting on the budget.
 DEMAND_MEMORY_S: Final = 2.0
 #: A replica not waiting on the budget asks for this much more than it used lately.
@@ -236,7 +235,7 @@ class DemandExchange:
             if now >= next_publish:
                 next_publish = now + self.timing.interval
                 self._publish(now)
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(self.timing.tick)
 
     def _tick(self, now: float) -> None:
         gate, budget = self.gate, self.gate.budget
