@@ -117,6 +117,12 @@ def _namespace(name: str, raw: str) -> str:
     return value
 
 
+def _topic_or_off(name: str, raw: str) -> str:
+    """A topic name, or "off" (returned as "")."""
+    value = raw.strip()
+    return "" if value == "off" else _str(name, value)
+
+
 def _optional_int(lo: int) -> Callable[[str, str], int | None]:
     inner = _int_range(lo)
 
@@ -221,6 +227,21 @@ SETTINGS: tuple[Var, ...] = (
         "0.03",
         "Fraction of the budget left unused as a safety margin.",
         _float_range(0.0, 0.5),
+    ),
+    Var(
+        "INGESTOR_BUDGET_TOPIC",
+        "budget_topic",
+        "ingestor.budget",
+        "Compacted topic where replicas publish their demand to share the budget by demand (created when"
+        " missing, one partition; records keyed by consumer group); off: share by owned partitions instead.",
+        _topic_or_off,
+    ),
+    Var(
+        "INGESTOR_BUDGET_EXCHANGE_INTERVAL_S",
+        "budget_exchange_interval_s",
+        "0.5",
+        "How often each replica publishes its demand; a raise waits 4 intervals, a silent replica expires after 10.",
+        _float_range(0.1, 5.0),
     ),
     Var(
         "INGESTOR_SESSION_REFRESH_MARGIN_S",
@@ -454,6 +475,8 @@ class Settings:
     stripe_version: str
     rps_budget: int | None
     budget_headroom: float
+    budget_topic: str
+    budget_exchange_interval_s: float
     session_refresh_margin_s: float
     meter_catalog: str
     meters: str
@@ -599,6 +622,8 @@ def _check(values: dict[str, Any]) -> None:
         raise SettingsError("INGESTOR_ADJUSTMENT_RETRY_MAX_S must be at least INGESTOR_ADJUSTMENT_RETRY_BASE_S")
     if values["dlq_topic"] in values["topics"]:
         raise SettingsError("INGESTOR_DLQ_TOPIC must not be one of INGESTOR_TOPICS")
+    if values["budget_topic"] and values["budget_topic"] in {*values["topics"], values["dlq_topic"]}:
+        raise SettingsError("INGESTOR_BUDGET_TOPIC must differ from INGESTOR_TOPICS and INGESTOR_DLQ_TOPIC")
 
 
 def _check_static_meters(text: str) -> None:

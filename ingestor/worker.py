@@ -35,6 +35,7 @@ from aiokafka.structs import TopicPartition
 
 from ingestor import catalog as catalog_mod
 from ingestor import cluster, offset_reset
+from ingestor import exchange as exchange_mod
 from ingestor.adjustments import Adjuster, AdjustmentClient, Pacer, RetryPolicy, split_poll
 from ingestor.batching import Batch, Batcher
 from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
@@ -103,6 +104,9 @@ class Worker:
             settings.effective_rps_budget, clock.monotonic(), BudgetPolicy(headroom=settings.budget_headroom)
         )
         self.gate = BudgetGate(self.budget, clock)
+        # budget by demand: the exchange sets the gate's quota (None: by owned partitions, on_assigned)
+        self.exchange = exchange_mod.from_settings(settings, self.gate, self._ownership, clock)
+        exchange_mod.export_metrics(self.metrics, self.budget, self.exchange)
         self.partition_watch = PartitionWatch()
         self.health = HealthState(
             stuck_after=settings.stuck_after_s,
@@ -228,6 +232,9 @@ class Worker:
         await self._check_topics()
         await self._prepare_partitions()
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
+        if self.exchange is not None:
+            self._exit.push_async_callback(self.exchange.stop)  # also closes what a failed start opened
+            await self.exchange.start(self._on_task_done)
 
     def _make_producer(self, transactional_id: str | None) -> Any:
         """The dead-letter (and webhook) producer: idempotent, acks=all; transactional when given an id."""
@@ -659,13 +666,21 @@ class Worker:
         if self.transactions is not None:
             await self.transactions.assign(assigned)  # fences earlier owners of these partitions
         self.health.joined = True
-        owned = len(self.consumer.assignment())
-        total = sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.settings.topics)
-        self.gate.set_share(owned, total)
+        owned, total = len(self.consumer.assignment()), self._ownership()[1]
+        if self.exchange is None:
+            self.gate.set_share(owned, total)
         log.info(
             "partitions assigned",
             extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in assigned], "owned": owned, "total": total},
         )
+
+    def _ownership(self) -> tuple[int, int]:
+        """(partitions this replica owns, partitions of all its topics): the budget's share. Owned as the
+        tracker sees it: a partition being revoked counts until it is released (its drain needs budget)."""
+        if self.consumer is None:
+            return 0, 0
+        owned = len(self.tracker.assigned())
+        return owned, sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.settings.topics)
 
     # ----------------------------------------------------------------- catalog
 

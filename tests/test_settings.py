@@ -19,6 +19,8 @@ def test_defaults_load():
     assert s.stripe_api_base == "https://api.stripe.com"
     assert s.stripe_meter_events_base == "https://meter-events.stripe.com"
     assert s.effective_error_report_topic == s.dlq_topic
+    assert s.budget_topic == "ingestor.budget"
+    assert load({**BASE, "INGESTOR_BUDGET_TOPIC": "off"}).budget_topic == ""  # share by partitions
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,9 @@ def test_defaults_load():
         ({"INGESTOR_WEBHOOK_PORT": "8443"}, "STRIPE_WEBHOOK_SECRET"),
         ({"INGESTOR_RETRY_BASE_S": "5", "INGESTOR_RETRY_MAX_S": "1"}, "INGESTOR_RETRY_MAX_S"),
         ({"INGESTOR_DLQ_TOPIC": "usage"}, "INGESTOR_DLQ_TOPIC"),
+        ({"INGESTOR_BUDGET_TOPIC": "usage"}, "INGESTOR_BUDGET_TOPIC"),
+        ({"INGESTOR_BUDGET_TOPIC": "ingestor.dlq"}, "INGESTOR_BUDGET_TOPIC"),
+        ({"INGESTOR_BUDGET_EXCHANGE_INTERVAL_S": "0"}, "INGESTOR_BUDGET_EXCHANGE_INTERVAL_S"),
         ({"STRIPE_API_KEY": None, "STRIPE_API_KEY_FILE": "/nonexistent/key"}, "STRIPE_API_KEY_FILE"),
     ],
 )

@@ -65,8 +65,9 @@ async def test_three_replicas_share_one_budget_and_survive_a_kill(kafka_bootstra
     assert stats["events_accepted"] == stats["unique_identifiers"] == len(values)
     # Never more than the account's budget in any 1-second window, all replicas together.
     assert stats["stream_max_requests_per_1s_window"] <= BUDGET, sorted(stats["stream_requests_per_second"].items())
-    # While the backlog lasted and all three ran, they used at least 90% of it between them.
+    # While the backlog lasted and all three ran, they used at least 85% of it between them (the budget less
+    # its 3% headroom, paced over 1.1-second windows so that delays on the way to the wire fit: 88%).
     per_second = {float(k): n for k, n in stats["stream_requests_per_second"].items()}
     steady = [n for second, n in per_second.items() if steady_from + 1 <= second <= steady_to - 1]
     assert len(steady) >= 7, per_second
-    assert sum(steady) / len(steady) >= 0.9 * BUDGET, steady
+    assert sum(steady) / len(steady) >= 0.85 * BUDGET, steady

@@ -123,10 +123,12 @@ async def test_budget_of_200_requests_per_second_is_respected_and_used(kafka_boo
     assert waited > 0
     per_second = sorted(stats["stream_requests_per_second"].items(), key=lambda kv: float(kv[0]))
     assert stats["stream_max_requests_per_1s_window"] <= 200
-    # Full seconds while the backlog lasted (drop the first and the last, partial ones).
+    # Full seconds while the backlog lasted (drop the first and the last, partial ones): at least 85 % of the
+    # budget (194 per 1-second window after the 3 % headroom, paced over 1.1-second windows so that delays on
+    # the way to the wire fit: 176/s, 88 %).
     full = [n for _, n in per_second[1:-1]]
     assert len(full) >= 20
-    assert sum(full) / len(full) >= 0.9 * 200, per_second
+    assert sum(full) / len(full) >= 0.85 * 200, per_second
 
 
 async def test_sigkill_mid_run_then_restart_bills_every_event_once(kafka_bootstrap, topic_factory, tmp_path):
