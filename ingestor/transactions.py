@@ -11,7 +11,11 @@ How:
   (a replica that was cut off and does not know it yet): Kafka aborts that owner's open transaction and
   refuses its later ones. (aiokafka's `send_offsets_to_transaction` does not carry the group generation,
   so the transactional id per partition is what keeps a zombie from committing.)
-- `commit(tp, letters)` writes the letters, computes the offset that may be committed once they are done
+- A letter is written only in the transaction whose committed offset passes its record (`due_letters`):
+  counting the waiting letters as done, the partition's watermark must pass the letter's chunk, which
+  needs every earlier record of the partition done (delivered, or a letter itself). A letter written
+  while the offset stays behind it would be written again after a crash or a rebalance; it waits instead.
+- `commit(tp, letters)` writes those letters, computes the offset that may be committed once they are done
   (`OffsetTracker.watermark_with`), adds it to the transaction and commits. Only then are the letters'
   records done. On any failure the transaction is aborted and the letters stay pending.
 - Partitions with no letters commit through the consumer as before (the group generation fences those).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -44,6 +49,15 @@ log = logging.getLogger("ingestor.transactions")
 
 #: How long one partition's transaction may take before it is aborted (the DLQ or Kafka is in trouble).
 TRANSACTION_TIMEOUT_S = 30.0
+
+
+def due_letters(tracker: OffsetTracker, tp: TopicPartition, letters: list[Letter]) -> tuple[list[Letter], list[Letter]]:
+    """(the letters the commit can pass now, those that must wait for earlier records of `tp`)."""
+    mark = tracker.watermark_with(tp, dict(Counter(letter.chunk for letter in letters)))
+    if mark is None:
+        return [], letters
+    due = [letter for letter in letters if letter.chunk.end <= mark]
+    return due, [letter for letter in letters if letter.chunk.end > mark]
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -136,10 +150,10 @@ class PartitionTransactions:
     def partitions(self) -> list[TopicPartition]:
         return list(self._producers)
 
-    async def commit(self, tp: TopicPartition, letters: list[Letter]) -> int | None:
+    async def commit(self, tp: TopicPartition, letters: list[Letter]) -> int:
         """Write `letters` (all of partition `tp`) and commit the offset past them, atomically.
 
-        Returns the committed offset (None when there was none to commit); on failure the transaction is
+        `letters` must be due (see `due_letters`). Returns the committed offset; on failure the transaction is
         aborted and the error raised (the caller keeps the letters for the next attempt)."""
         producer = None
         try:
@@ -153,11 +167,10 @@ class PartitionTransactions:
         self._retry_at.pop(tp, None)
         for letter in letters:
             self._letters.done(letter)
-        if offset is not None:
-            self._tracker.mark_committed({tp: offset})
+        self._tracker.mark_committed({tp: offset})
         return offset
 
-    async def _transact(self, producer: TransactionalProducer, tp: TopicPartition, letters: list[Letter]) -> int | None:
+    async def _transact(self, producer: TransactionalProducer, tp: TopicPartition, letters: list[Letter]) -> int:
         failed, errors = await send_letters(producer, self._letters.topic, letters, self._letters.limit)
         if failed:
             raise errors[0]
@@ -165,8 +178,9 @@ class PartitionTransactions:
         for letter in letters:
             extra[letter.chunk] = extra.get(letter.chunk, 0) + 1
         offset = self._tracker.watermark_with(tp, extra)
-        if offset is not None:
-            await producer.send_offsets_to_transaction({self._tp(tp.topic, tp.partition): offset}, self._group)
+        if offset is None or any(letter.chunk.end > offset for letter in letters):
+            raise RuntimeError("a dead-letter record the commit cannot pass; only due letters are written")
+        await producer.send_offsets_to_transaction({self._tp(tp.topic, tp.partition): offset}, self._group)
         await producer.commit_transaction()
         await producer.begin_transaction()
         return offset

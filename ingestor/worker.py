@@ -51,7 +51,7 @@ from ingestor.partition_health import PartitionWatch
 from ingestor.session import SessionAuthError, SessionError, SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
-from ingestor.transactions import PartitionTransactions
+from ingestor.transactions import PartitionTransactions, due_letters
 from ingestor.webhook import webhook_app
 
 if TYPE_CHECKING:
@@ -542,11 +542,16 @@ class Worker:
         ready = {tp for tp in self.dead_letters.partitions() if self.transactions.ready(tp)}  # type: ignore[arg-type]
         if wanted is not None:
             ready &= wanted
-        by_partition: dict[Any, list[Any]] = {}
+        taken: dict[Any, list[Any]] = {}
         for letter in self.dead_letters.take(ready):
-            by_partition.setdefault(letter.chunk.tp, []).append(letter)
-        if not by_partition:
-            return
+            taken.setdefault(letter.chunk.tp, []).append(letter)
+        by_partition: dict[Any, list[Any]] = {}
+        waiting: list[Any] = []  # their partitions' earlier records are not all done yet
+        for tp, group in taken.items():
+            due, later = due_letters(self.tracker, tp, group)
+            waiting += later
+            if due:
+                by_partition[tp] = due
         failed: list[Any] = [letter for group in by_partition.values() for letter in group]
         try:
             results = await asyncio.gather(
@@ -557,11 +562,11 @@ class Worker:
                 if isinstance(result, BaseException):
                     failed += group
                     errors.append(result)
-                elif result is not None:
+                else:
                     self.metrics.commits.labels("ok").inc()
                     self.health.progressed()
         finally:
-            self.dead_letters.finish(failed)
+            self.dead_letters.finish(failed + waiting)
         self.dead_letters.report(failed, errors)
 
     async def _commit_offsets(self, wanted: set[TopicPartition] | None) -> None:

@@ -18,6 +18,7 @@ from ingestor.metrics import Metrics
 from ingestor.observability import HealthState
 from ingestor.offsets import OffsetTracker, TopicPartition
 from ingestor.partition_health import PartitionWatch
+from ingestor.transactions import due_letters
 from tests.fakes import FakeClock, settle
 
 TP = TopicPartition("t", 0)
@@ -194,3 +195,18 @@ async def test_a_limit_that_cannot_be_read_keeps_the_last_one() -> None:
     limit = TopicLimit(broken, initial=5000)
     await limit.refresh()
     assert limit.max_bytes == 5000
+
+
+def test_a_letter_is_due_only_once_every_earlier_record_of_its_partition_is_done() -> None:
+
+    tracker = OffsetTracker()
+    tracker.assign(TP)
+    first = tracker.open(TP, 0, 4, 4)  # records 0..3: record 1 is bad, the others events
+    second = tracker.open(TP, 4, 6, 2)  # records 4..5: record 5 is bad
+    letter_1 = Letter(first, Rec(offset=1), "not_json", "x")
+    letter_5 = Letter(second, Rec(offset=5), "not_json", "x")
+    assert due_letters(tracker, TP, [letter_1, letter_5]) == ([], [letter_1, letter_5])
+    tracker.complete(first, 3)  # the events of the first poll are delivered
+    assert due_letters(tracker, TP, [letter_1, letter_5]) == ([letter_1], [letter_5])
+    tracker.complete(second, 1)
+    assert due_letters(tracker, TP, [letter_1, letter_5]) == ([letter_1, letter_5], [])

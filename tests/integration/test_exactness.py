@@ -190,3 +190,44 @@ async def test_dead_letters_are_not_written_twice_when_the_worker_dies_before_co
         for x in letters
     )
     assert coordinates == sorted((r.partition, r.offset) for r in bad), f"{len(letters)} letters for {len(bad)} bad"
+
+
+async def test_dead_letters_wait_for_earlier_records_so_a_crash_cannot_write_them_twice(
+    kafka_bootstrap, topic_factory, tmp_path
+):
+    """Bad records among events Stripe does not take yet: their dead-letter records must wait until the
+    committed offset can pass them (it used to write them at once, in a transaction whose offset stayed
+    behind them, and write them again after a SIGKILL)."""
+    topic = await topic_factory(2, "dl-wait")
+    bad = [Sent(i % 2, b"bad", BAD_JSON, reason="value_invalid", label=f"bad {i}") for i in range(20)]
+    good = good_records(400, 2, tag="wait")
+    records = [r for pair in zip(good[:20], bad, strict=True) for r in pair] + good[20:]
+    await produce_records(kafka_bootstrap, topic, records)
+    async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
+        api = StripeApi(emu.url)
+        meter_id = await api.create_meter("api_requests", "sum")
+        await api.set_faults(error_no_header=1.0, error_status=503)  # the stream refuses everything
+        env = worker_env(kafka_bootstrap, topic, emu.url)
+        await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
+        log = str(tmp_path / "worker.log")
+        first = start_worker_process(env, log)
+        try:
+            await asyncio.sleep(6.0)  # many commit intervals with every bad record consumed
+        finally:
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, 10)
+        written_before_the_crash = len(await read_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"]))
+        await api.set_faults(replace=True)
+        second = start_worker_process(env, log)
+        try:
+            await wait_committed_to_end(kafka_bootstrap, env["INGESTOR_GROUP_ID"], topic, timeout=60)
+        finally:
+            assert await asyncio.to_thread(stop_process, second, signal.SIGTERM, 30) == 0
+        letters = await read_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
+        await assert_billed(api, {"api_requests": meter_id}, expected_totals(records, {"api_requests": "sum"}))
+    assert written_before_the_crash == 0
+    coordinates = sorted(
+        (int(header_map(x.headers)[dlq_format.SOURCE_PARTITION]), int(header_map(x.headers)[dlq_format.SOURCE_OFFSET]))
+        for x in letters
+    )
+    assert coordinates == sorted((r.partition, r.offset) for r in bad), f"{len(letters)} letters for {len(bad)} bad"
