@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator clean
+.PHONY: setup demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator soak clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
@@ -46,6 +46,11 @@ bench-emulator: setup
 
 bench: kafka-fetch
 	$(BIN)/python bench/pipeline_bench.py
+
+## Not in CI: ~30 minutes at half capacity with faults cycling, the worker's RSS over time, the accounting.
+SOAK_MINUTES ?= 30
+soak: kafka-fetch
+	$(BIN)/python -m tests.chaos.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

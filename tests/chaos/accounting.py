@@ -93,6 +93,10 @@ def _source(letter: Any) -> tuple[str, int, int, str]:
     )
 
 
+def _message(letter: Any) -> str:
+    return next((v.decode() for k, v in letter.headers if k == dlq_format.MESSAGE), "")
+
+
 def _kept(record: Any) -> bytes | None:
     """The value a DLQ copy carries: the original, or empty for a keyless tombstone (Kafka refuses neither)."""
     return b"" if record.key is None and record.value is None else record.value
@@ -113,7 +117,9 @@ async def _dead_letters(bootstrap: str, ledger: Ledger, found: Findings) -> None
     repeated = {
         f"{expected[k].label} p{k[0]}@{k[1]}": len(v) for k, v in copies.items() if k in expected and len(v) > 1
     }
-    unexpected = [(k, _source(v[0])[3]) for k, v in copies.items() if k not in expected]
+    unexpected = [
+        (k, _source(v[0])[3], _message(v[0]), (v[0].value or b"")[:80]) for k, v in copies.items() if k not in expected
+    ]
     wrong = []
     for key, record in expected.items():
         for letter in copies.get(key, ())[:1]:

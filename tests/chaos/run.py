@@ -109,9 +109,8 @@ async def chaos_run(
         api = StripeApi(emu.url)
         meter_ids, formulas = await create_meters(api, extra_meters)
         ledger = Ledger(topic, dlq, meter_ids, formulas, seed)
-        records = mix(
-            rng, valid_records(rng, profile.events, partitions), bad_records(partitions) + (extra_records or [])
-        )
+        bad = [r for r in bad_records(partitions) if r.label not in exclude] + (extra_records or [])
+        records = mix(rng, valid_records(rng, profile.events, partitions), bad)
         await produce_into(bootstrap, ledger, records)
         overrides: dict[str, Any] = {
             "INGESTOR_DLQ_TOPIC": dlq,

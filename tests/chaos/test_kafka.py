@@ -19,7 +19,7 @@ from tests.chaos.accounting import wait_settled
 from tests.chaos.profile import CURRENT
 from tests.chaos.run import chaos_run
 from tests.chaos.workload import CUSTOMERS
-from tests.integration.harness import RestartableKafka
+from tests.integration.harness import RestartableKafka, StripeApi, wait_for
 from tests.integration.test_dead_letters import Sent
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos, pytest.mark.timeout(CURRENT.timeout(300))]
@@ -88,6 +88,14 @@ def late_events(n: int, partitions: int) -> list[Sent]:
     return out
 
 
+async def meter_list_reads(api: StripeApi) -> int:
+    return int((await api.stats())["requests"].get("/v1/billing/meters", {}).get("200", 0))
+
+
+async def _more(api: StripeApi, reads: int) -> bool:
+    return await meter_list_reads(api) >= reads
+
+
 async def replay_dlq(bootstrap: str, dlq: str, topic: str) -> str:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INGESTOR_DLQ_TOPIC": dlq}
     command = [sys.executable, "-m", "ingestor", "dlq", "replay", "--to-topic", topic, "--reason", "meter_unknown"]
@@ -108,9 +116,11 @@ async def test_dlq_replay_run_twice_bills_once(kafka_bootstrap, tmp_path, chaos_
         ledger = run.ledger
         run.fleet.start()
         assert await wait_settled(run.api, kafka_bootstrap, ledger, run.fleet, profile.settle_s), "no first pass"
+        catalog_reads = await meter_list_reads(run.api)
         ledger.meter_ids["late"] = await run.api.create_meter("late", "sum")
         ledger.formulas["late"] = "sum"
-        await asyncio.sleep(3)  # the worker re-reads the meter catalog every second
+        # The worker re-reads the meter catalog every second: wait until it did, twice.
+        await wait_for(lambda: _more(run.api, catalog_reads + 2), 30, "the worker to re-read the meter catalog")
         for record in late:  # each replayed event keeps its identifier: given, or derived from where it was
             derived = identifier_prefix(ledger.topic, record.partition) + str(record.offset)
             ledger.billed.append(replace(record, reason=None, identifier=record.identifier or derived))
