@@ -25,7 +25,7 @@ class Profile:
     def from_env(cls, value: str) -> Profile:
         if value.strip().lower() in {"1", "true", "yes"}:
             return cls(long=True, events=60_000, fault_s=20.0, refuse_s=20.0, settle_s=240.0)
-        return cls(long=False, events=6_000, fault_s=6.0, refuse_s=20.0, settle_s=90.0)
+        return cls(long=False, events=6_000, fault_s=6.0, refuse_s=20.0, settle_s=60.0)
 
     def timeout(self, short: float) -> float:
         """A pytest timeout for a scenario that needs `short` seconds in the short form."""
