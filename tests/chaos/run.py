@@ -51,10 +51,10 @@ class ChaosRun:
         """Distinct identifiers accepted so far (read in-process: the port may be refusing connections)."""
         return int((await self.emu.stats())["unique_identifiers"])
 
-    async def progress(self, fraction: float, timeout: float = 90) -> None:
+    async def progress(self, fraction: float, timeout: float | None = None) -> None:
         """Wait until `fraction` of the valid events are accepted (bounded; fails if every worker died)."""
         target = int(fraction * self.ledger.valid_count())
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout or max(90.0, self.profile.settle_s))
         while time.monotonic() < deadline:
             if await self.accepted() >= target:
                 return

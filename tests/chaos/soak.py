@@ -3,8 +3,11 @@
     .venv/bin/python -m tests.chaos.soak --minutes 30          # the default
     .venv/bin/python -m tests.chaos.soak --minutes 3 --rate 2000
 
-A local broker (or INGESTOR_TEST_KAFKA_BOOTSTRAP), the emulator in this process and one `ingestor run`.
-Without `--rate`, the worker's capacity is measured first on a backlog, and traffic runs at half of it.
+A local broker (or INGESTOR_TEST_KAFKA_BOOTSTRAP), the emulator in this process and one `ingestor run`
+with a request budget of `--budget` requests/s (100 events each). Without `--rate`, the worker's capacity
+under that budget is measured first on a backlog, and traffic runs at half of it. The budget bounds the
+run's size: the emulator keeps every identifier of the last 24 hours in memory, as Stripe de-duplicates,
+about 250 bytes each (30 minutes at 7,500 events/s: 13.5 million, about 3.5 GB).
 Every `--phase-s` seconds the next fault is switched on for half the phase (5xx, 429s, latency spikes,
 answers slower than the client's timeout, connections refused, sessions revoked, a SIGKILL of the
 worker). A line per `--report-s` shows the worker's RSS; at the end the traffic stops, the run settles
@@ -171,6 +174,7 @@ async def soak(args: argparse.Namespace, bootstrap: str, log_dir: Path) -> int:
             INGESTOR_DLQ_TOPIC=dlq,
             INGESTOR_REQUEST_TIMEOUT_S="2",
             INGESTOR_DRAIN_TIMEOUT_S="10",
+            INGESTOR_RPS_BUDGET=str(args.budget),
         )
         async with WorkerFleet(env, log_dir) as fleet:
             run = Soak(args, bootstrap, emu, ledger, fleet)
@@ -183,6 +187,7 @@ async def soak(args: argparse.Namespace, bootstrap: str, log_dir: Path) -> int:
             finally:
                 tasks[0].cancel()
                 emu.set_faults()
+                run.phase = "settling"
             settled = await wait_settled(api, bootstrap, ledger, fleet, Profile.from_env("1").settle_s)
             tasks[1].cancel()
             await fleet.stop_all()
@@ -215,6 +220,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="how long traffic runs (30)")
     parser.add_argument("--rate", type=int, default=0, help="events/s (default: half the measured capacity)")
+    parser.add_argument("--budget", type=int, default=150, help="the worker's request budget, requests/s (150)")
     parser.add_argument("--phase-s", type=float, default=60.0, help="one fault phase: on half, off half (60)")
     parser.add_argument("--report-s", type=float, default=10.0, help="seconds between RSS lines (10)")
     parser.add_argument("--seed", type=int, default=random.SystemRandom().randrange(2**31))
