@@ -5,7 +5,10 @@
 #     -e STRIPE_API_KEY_FILE=/run/secrets/stripe ingestor:dev
 # The runtime user is UID/GID 10001: helm/ingestor/values.yaml (podSecurityContext) must match.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The base image, in one place. Pin its digest too for byte-identical rebuilds: look it up with
+#   docker buildx imagetools inspect python:3.11.14-slim-bookworm --format '{{json .Manifest.Digest}}'
+# and build with --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> (or edit it here).
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- builder: every dependency and the project itself as wheels ----------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -14,16 +17,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 
-# Dependencies first: this layer is rebuilt only when pyproject.toml changes, not on every source edit.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip wheel --wheel-dir /wheels/deps --requirement /tmp/requirements.txt
+# Dependencies first, exactly as locked (every file checked against its sha256): this layer is rebuilt
+# only when a lock file changes, not on every source edit. See scripts/lock.sh.
+COPY requirements/build.lock requirements/runtime.lock ./requirements/
+RUN pip install --require-hashes --no-deps --requirement requirements/build.lock \
+    && pip wheel --require-hashes --no-deps --wheel-dir /wheels/deps --requirement requirements/runtime.lock
 
-# Then the source: only the project's own wheel is rebuilt when it changes.
-COPY README.md ./
+# Then the source: only the project's own wheel is rebuilt when it changes (with the locked setuptools).
+COPY pyproject.toml README.md ./
 COPY ingestor ./ingestor
-RUN pip wheel --no-deps --wheel-dir /wheels/app .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels/app .
 
 # ---- runtime: the same Python, the wheels installed, no compilers, no build files ----------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -38,7 +41,7 @@ RUN groupadd --system --gid 10001 ingestor \
 
 # Wheels are bind-mounted from the builder, so they never end up in a layer of the runtime image.
 RUN --mount=type=bind,from=builder,source=/wheels/deps,target=/wheels/deps \
-    pip install --no-index --find-links=/wheels/deps /wheels/deps/*.whl
+    pip install --no-index --no-deps /wheels/deps/*.whl
 RUN --mount=type=bind,from=builder,source=/wheels/app,target=/wheels/app \
     pip install --no-index --no-deps /wheels/app/*.whl
 

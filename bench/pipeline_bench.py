@@ -1,6 +1,8 @@
 """End-to-end benchmark of the worker: local Kafka -> `ingestor run` -> the Stripe emulator.
 
-    .venv/bin/python bench/pipeline_bench.py                      # make bench: 1,000,000-event backlog
+    .venv/bin/python bench/pipeline_bench.py                      # make bench: 1,000,000-event backlog, both mixes
+    .venv/bin/python bench/pipeline_bench.py --replicas 3 --budget 300 --hot-partitions 1 --mix realistic \
+        --no-baseline                                             # skewed: how much budget a busy replica gets
     .venv/bin/python bench/pipeline_bench.py --produce-rate 30000 --no-baseline    # paced: latency
     .venv/bin/python bench/pipeline_bench.py --outage-s 60 --no-baseline           # 503s: peak RSS
     .venv/bin/python bench/pipeline_bench.py --profile --no-baseline               # where the time goes
@@ -9,10 +11,14 @@ What it does:
 
 1. Starts a local Kafka broker (`LocalKafka`) in this process and the emulator as a subprocess
    (`--stream-rps-limit` = the budget, `--record-latency`, a live-mode key).
-2. Backlog mode (default): produces `--events` events to a `--partitions` topic up front. Paced mode
-   (`--produce-rate R`): produces them at R events/s *while* the workers run. Events carry no
-   timestamp, so the worker sends the Kafka record timestamp and the emulator's latency is record
-   timestamp -> acceptance. They carry no identifier either (the worker derives a unique one).
+2. Backlog mode (default): produces `--events` events to a `--partitions` topic up front (to the
+   first `--hot-partitions` only, for skewed load). Paced mode (`--produce-rate R`): produces them at
+   R events/s *while* the workers run. `--mix` (default `realistic,cheap`) runs steps 2-3 once per
+   event mix, each on a fresh topic and group: `realistic` is what producers send (80 % an identifier
+   and a distinct-millisecond `...Z` timestamp, 8 % unix seconds, 7 % `+hh:mm` offsets with extra
+   payload dimensions, 5 % neither; see `REALISTIC_MIX`); `cheap` carries neither identifier nor
+   timestamp (the worker derives the identifier and sends the Kafka record timestamp, so the
+   emulator's latency is record timestamp -> acceptance). The mix is printed before each run.
 3. Runs `--replicas` worker processes (`python -m ingestor run`), polls their `/metrics` until the
    events delivered add up to `--events` (cheap; the emulator's statistics sort every latency and are
    read once at the end), reads each worker's CPU time (utime + stime from /proc/<pid>/stat) and peak
@@ -86,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="pin the workers to the last CPU and Kafka, the emulator and this process to the others",
     )
+    parser.add_argument(
+        "--mix",
+        default="realistic,cheap",
+        help="event shapes, comma-separated runs: realistic (default first), cheap (no identifier, no timestamp)",
+    )
+    parser.add_argument(
+        "--hot-partitions", type=int, default=0, help="skewed load: produce every event to the first H partitions"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds of delivery")
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
@@ -152,12 +166,75 @@ def cpu_sets(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
 
 
 def event_pool() -> list[bytes]:
+    """The cheap shape: no identifier, no timestamp (the worker derives both); 1,000 distinct values."""
     return [
         orjson.dumps(
             {"event_name": EVENT_NAME, "payload": {"stripe_customer_id": f"cus_{i:05d}", "value": str(i % 9 + 1)}}
         )
         for i in range(CUSTOMERS)
     ]
+
+
+#: The realistic mix, in per mille of the events (see BENCHMARKS.md): (shape, share).
+REALISTIC_MIX: tuple[tuple[str, int], ...] = (
+    ("identifier + canonical UTC millisecond timestamp (...T..:..:...mmmZ)", 800),
+    ("identifier + unix seconds (half integers, half with milliseconds)", 80),
+    ("identifier + +hh:mm offset timestamp + 3 extra payload dimensions", 70),
+    ("neither identifier nor timestamp (derived by the worker)", 50),
+)
+_OFFSETS = ("+05:30", "-04:00", "+01:00", "-07:00", "+09:00")
+_REGIONS = ("eu-west-1", "us-east-1", "ap-south-1", "us-west-2")
+
+
+def realistic_events(n: int, run: str, now_ms: int | None = None) -> tuple[list[bytes], dict[str, int]]:
+    """`n` events in the realistic mix: every timestamp a distinct millisecond, in the past, in order.
+
+    Identifiers are unique per run (`evt_<run>_<i>`), so the exactly-once check holds. Shares are
+    interleaved (position i mod 1000), not blocked, so every poll sees the mix.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    base = now_ms - n - 60_000  # one millisecond per event, the newest a minute ago
+    (_, canonical), (_, unix), (_, offset), _ = REALISTIC_MIX
+    counts = dict.fromkeys((shape for shape, _ in REALISTIC_MIX), 0)
+    names = [shape for shape, _ in REALISTIC_MIX]
+    out: list[bytes] = []
+    dumps = orjson.dumps
+    for i in range(n):
+        slot = i % 1000
+        ms = base + i
+        payload = {"stripe_customer_id": f"cus_{i % CUSTOMERS:05d}", "value": str(i % 9 + 1)}
+        if slot < canonical:
+            shape = 0
+            seconds, millis = divmod(ms, 1000)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+            event: dict[str, Any] = {"event_name": EVENT_NAME, "payload": payload, "identifier": f"evt_{run}_{i}"}
+            event["timestamp"] = stamp
+        elif slot < canonical + unix:
+            shape = 1
+            stamp_n: float = ms // 1000 if i % 2 else ms / 1000
+            event = {"event_name": EVENT_NAME, "payload": payload, "identifier": f"evt_{run}_{i}", "timestamp": stamp_n}
+        elif slot < canonical + unix + offset:
+            shape = 2
+            zone = _OFFSETS[i % len(_OFFSETS)]
+            hours, minutes = int(zone[1:3]), int(zone[4:6])
+            shift = (hours * 60 + minutes) * 60_000 * (1 if zone[0] == "+" else -1)
+            seconds, millis = divmod(ms + shift, 1000)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}{zone}"
+            payload |= {"region": _REGIONS[i % 4], "plan": f"plan_{i % 7}", "endpoint": f"/v1/items/{i % 50}"}
+            event = {"event_name": EVENT_NAME, "payload": payload, "identifier": f"evt_{run}_{i}", "timestamp": stamp}
+        else:
+            shape = 3
+            event = {"event_name": EVENT_NAME, "payload": payload}
+        counts[names[shape]] += 1
+        out.append(dumps(event))
+    return out, counts
+
+
+def make_events(mix: str, n: int, run: str) -> tuple[list[bytes], dict[str, int]]:
+    if mix == "cheap":
+        pool = event_pool()
+        return [pool[i % CUSTOMERS] for i in range(n)], {"neither identifier nor timestamp (cheap shape)": n}
+    return realistic_events(n, run)
 
 
 class Emulator:
@@ -215,16 +292,20 @@ class Emulator:
 # -- producing --------------------------------------------------------------------------------------
 
 
-async def produce_backlog(bootstrap: str, topic: str, n: int) -> float:
-    pool = event_pool()
+async def produce_backlog(bootstrap: str, topic: str, values: list[bytes], hot: int = 0) -> float:
+    """Produce `values` up front: round robin over the partitions, or only to the first `hot` of them."""
     started = time.monotonic()
-    await produce(bootstrap, topic, [pool[i % CUSTOMERS] for i in range(n)])
+    if hot:
+        for p in range(hot):
+            await produce(bootstrap, topic, values[p::hot], partition=p)
+    else:
+        await produce(bootstrap, topic, values)
     return time.monotonic() - started
 
 
-async def produce_paced(bootstrap: str, topic: str, n: int, rate: float) -> dict[str, float]:
-    """Produce `n` events at `rate` events/s (every 10 ms, what is due, round robin over the partitions)."""
-    pool = event_pool()
+async def produce_paced(bootstrap: str, topic: str, pool: list[bytes], rate: float) -> dict[str, float]:
+    """Produce `pool` at `rate` events/s (every 10 ms, what is due, round robin over the partitions)."""
+    n = len(pool)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, max_batch_size=512 * 1024)
     await producer.start()
     try:
@@ -241,7 +322,7 @@ async def produce_paced(bootstrap: str, topic: str, n: int, rate: float) -> dict
                 for k in range(due):
                     index = produced + k
                     batch = batches[partitions[index % len(partitions)]]
-                    if batch.append(key=None, value=pool[index % CUSTOMERS], timestamp=None) is None:
+                    if batch.append(key=None, value=pool[index], timestamp=None) is None:
                         raise RuntimeError("paced batch overflow; lower --produce-rate")
                 for partition, batch in batches.items():
                     pending.append(await producer.send_batch(batch, topic, partition=partition))
@@ -341,16 +422,23 @@ def worker_env(args: argparse.Namespace, bootstrap: str, topic: str, url: str, g
     return env
 
 
-async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator, tmp: Path) -> dict[str, Any]:
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
+async def run_workers(
+    args: argparse.Namespace, kafka: LocalKafka, emu: Emulator, tmp: Path, mix: str
+) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-{run}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topic(kafka.bootstrap, topic, args.partitions)
     await create_topic(kafka.bootstrap, f"{topic}.dlq", 1)
     await emu.prepare()
     n = args.events
-    result: dict[str, Any] = {"mode": "paced" if args.produce_rate else "backlog"}
+    values, shapes = make_events(mix, n, run)
+    result: dict[str, Any] = {"mix": mix, "shapes": shapes, "mode": "paced" if args.produce_rate else "backlog"}
+    if args.hot_partitions:
+        result["hot_partitions"] = args.hot_partitions
+    print(f"[{mix}] {n:,} events: " + "; ".join(f"{c:,} {shape}" for shape, c in shapes.items()), file=sys.stderr)
     if not args.produce_rate:
-        result["produce_s"] = round(await produce_backlog(kafka.bootstrap, topic, n), 2)
+        result["produce_s"] = round(await produce_backlog(kafka.bootstrap, topic, values, args.hot_partitions), 2)
     if args.outage_s:
         await emu.set_faults({"error_retry_true": 1.0, "error_status": 503})
     base_env = worker_env(args, kafka.bootstrap, topic, emu.url, group)
@@ -361,7 +449,7 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
     workers = [
         WorkerProc(
             i,
-            {**base_env, "INGESTOR_METRICS_PORT": str(free_port()), "BENCH_PROFILE": args.profile_out},
+            {**base_env, "INGESTOR_METRICS_PORT": str(free_port()), "BENCH_PROFILE": f"{args.profile_out}-{mix}"},
             tmp / f"worker-{i}.log",
             profile if i == 0 else None,
         )
@@ -379,7 +467,9 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
                 await asyncio.sleep(POLL_S)
         result["joined_after_s"] = round(time.monotonic() - started, 2)
     producer = (
-        asyncio.create_task(produce_paced(kafka.bootstrap, topic, n, args.produce_rate)) if args.produce_rate else None
+        asyncio.create_task(produce_paced(kafka.bootstrap, topic, values, args.produce_rate))
+        if args.produce_rate
+        else None
     )
     outage_over = not args.outage_s
     t0 = t_end = None
@@ -420,6 +510,8 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
     stats = await emu.stats()
     ends = await _end_offsets(kafka.bootstrap, topic)
     committed = await committed_offsets(kafka.bootstrap, group, topic)
+    # An empty partition (skewed load) has nothing to commit: its end is 0.
+    at_end = all(committed.get(p, 0) == end for p, end in ends.items())
     window_events = n - first
     elapsed = t_end - t0 if t0 is not None and t_end is not None else float("nan")
     cpu_window = sum(cpu_end) - sum(w.cpu_start for w in workers)
@@ -444,6 +536,7 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
             "events_per_request": round(stats["events_received"] / max(1, requests), 1),
             "max_requests_in_1s": stats["stream_max_requests_per_1s_window"],
             "budget": args.budget,
+            "budget_utilization": round(requests / elapsed / args.budget, 3),
             "p50_latency_ms": latency.get("p50"),
             "p90_latency_ms": latency.get("p90"),
             "p99_latency_ms": latency.get("p99"),
@@ -455,7 +548,7 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
             "duplicates_dropped": stats["duplicates_dropped"],
             "faults_injected": stats["faults_injected"],
             "rate_limited": stats["rate_limited"],
-            "committed_at_end": committed == ends,
+            "committed_at_end": at_end,
             "worker_exit_codes": codes,
         }
     )
@@ -463,10 +556,10 @@ async def run_workers(args: argparse.Namespace, kafka: LocalKafka, emu: Emulator
         stats["events_accepted"] == n
         and stats["unique_identifiers"] == n
         and stats["duplicates_dropped"] == 0
-        and committed == ends
+        and at_end
     )
     if profile is not None:
-        result["profile"] = summarize_profile(profile, args.profile_out)
+        result["profile"] = summarize_profile(profile, f"{args.profile_out}-{mix}")
     return result
 
 
@@ -493,7 +586,7 @@ async def run_baseline(args: argparse.Namespace, kafka: LocalKafka, emu: Emulato
     topic = f"bench-sdk-{uuid.uuid4().hex[:8]}"
     await create_topic(kafka.bootstrap, topic, args.partitions)
     await emu.prepare()
-    await produce_backlog(kafka.bootstrap, topic, n)
+    await produce_backlog(kafka.bootstrap, topic, make_events("cheap", n, "sdk")[0])
     command = [sys.executable, str(ROOT / "bench" / "baseline_sdk.py"), "--bootstrap", kafka.bootstrap]
     command += ["--topic", topic, "--group", f"sdk-{uuid.uuid4().hex[:8]}", "--url", emu.url, "--key", API_KEY]
     command += ["--events", str(n), "--batch-events", str(args.batch_events)]
@@ -631,9 +724,30 @@ def _pyinstrument_stacks(session: Any) -> list[tuple[tuple[str, ...], float]]:
 # -- main -------------------------------------------------------------------------------------------
 
 
+SUMMARY_KEYS = (
+    "events_per_s",
+    "worker_cpu_s_per_million",
+    "requests_per_s",
+    "max_requests_in_1s",
+    "budget_utilization",
+    "p99_latency_ms",
+    "peak_rss_mb",
+    "exactly_once",
+)
+
+
+def parse_mixes(text: str) -> list[str]:
+    mixes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(mixes) - {"realistic", "cheap"})
+    if unknown or not mixes:
+        raise SystemExit(f"--mix takes realistic and/or cheap, not {text!r}")
+    return mixes
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ingestor-bench-"))
     result: dict[str, Any] = {"command": " ".join(["bench/pipeline_bench.py", *sys.argv[1:]]), "machine": machine()}
+    runs: dict[str, dict[str, Any]] = {}
     async with LocalKafka() as kafka:
         emu = Emulator(args.budget, tmp / "emulator.log")
         pinned = cpu_sets(args)
@@ -643,21 +757,33 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     pin(pid, pinned[0])
             result["pinned"] = {"workers": sorted(pinned[1]), "others": sorted(pinned[0])}
         try:
-            result.update(await run_workers(args, kafka, emu, tmp))
+            for mix in parse_mixes(args.mix):
+                runs[mix] = await run_workers(args, kafka, emu, tmp, mix)
+            result["runs"] = runs
             if args.baseline:
                 base = await run_baseline(args, kafka, emu, tmp)
                 result["baseline"] = base
-                result["cpu_ratio_worker_vs_baseline"] = round(
-                    result["worker_cpu_s_per_million"] / base["cpu_s_per_million"], 3
-                )
-                result["speedup_cpu_baseline_over_worker"] = round(
-                    base["cpu_s_per_million"] / result["worker_cpu_s_per_million"], 1
-                )
-                result["speedup_events_per_s"] = round(result["events_per_s"] / base["events_per_s"], 1)
+                for mix, run in runs.items():
+                    result[f"speedup_cpu_baseline_over_worker_{mix}"] = round(
+                        base["cpu_s_per_million"] / run["worker_cpu_s_per_million"], 1
+                    )
         finally:
             await emu.close()
+    result["exactly_once"] = all(run["exactly_once"] for run in runs.values())
     result["logs"] = str(tmp)
     return result
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print(f"profile ({profile['tool']}, {profile['samples']} samples, {profile['file']}):")
+    for name, share in profile["self_pct_by_area"]:
+        print(f"  {share:5.1f}%  {name}")
+    print("top functions by self time:")
+    for name, share in profile["self_pct"]:
+        print(f"  {share:5.1f}%  {name}")
+    print("top functions by inclusive time:")
+    for name, share in profile["inclusive_pct"]:
+        print(f"  {share:5.1f}%  {name}")
 
 
 def main() -> int:
@@ -665,18 +791,14 @@ def main() -> int:
     if args.profile and args.replicas != 1:
         raise SystemExit("--profile runs a single worker (--replicas 1)")
     result = asyncio.run(main_async(args))
-    profile = result.pop("profile", None)
-    if profile is not None:
-        print(f"profile ({profile['tool']}, {profile['samples']} samples, {profile['file']}):")
-        for name, share in profile["self_pct_by_area"]:
-            print(f"  {share:5.1f}%  {name}")
-        print("top functions by self time:")
-        for name, share in profile["self_pct"]:
-            print(f"  {share:5.1f}%  {name}")
-        print("top functions by inclusive time:")
-        for name, share in profile["inclusive_pct"]:
-            print(f"  {share:5.1f}%  {name}")
-        result["profile_summary"] = args.profile_out + "-summary.json"
+    for mix, run in result.get("runs", {}).items():
+        profile = run.pop("profile", None)
+        if profile is not None:
+            print(f"[{mix}]", end=" ")
+            print_profile(profile)
+            run["profile_summary"] = profile["file"].rsplit(".", 1)[0] + "-summary.json"
+    for mix, run in result.get("runs", {}).items():
+        print(f"[{mix}] " + ", ".join(f"{k}={run.get(k)}" for k in SUMMARY_KEYS))
     print(json.dumps(result))
     return 0 if result.get("exactly_once") else 1
 

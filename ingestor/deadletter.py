@@ -1,9 +1,21 @@
 """Writes rejected records to the dead-letter topic, and only then lets their offsets be committed.
 
 Each dead-letter record carries the original key, value and headers byte for byte, followed by the
-`ingestor.*` headers of `dlq_format`. The producer is idempotent with acks=all. A record whose write
-fails stays pending: it is retried with capped backoff, forever, the failure counted in
-`ingestor_dlq_write_failures_total` and logged; the partition's committed offset cannot pass it.
+`ingestor.*` headers of `dlq_format`. A record too large for the dead-letter topic (its
+`max.message.bytes`) is written without its original key, value and headers: the `ingestor.*` headers
+say so (`ingestor.original_omitted`, `ingestor.original_bytes`) and keep the source coordinates, so the
+original can be found on its topic. So a dead-letter write can always succeed.
+
+Two ways to write, chosen by INGESTOR_DLQ_TRANSACTIONAL:
+
+- transactional (the default, `ingestor.transactions`): letters wait in the queue until the next offset
+  commit, which writes them and commits the offsets past them in one Kafka transaction per partition:
+  a `read_committed` reader sees each bad record exactly once, whatever crashes when.
+- at-least-once: `DeadLetterWriter.run` writes letters as they come with an idempotent producer
+  (acks=all); a crash between the ack and the offset commit writes the letter again after a restart.
+
+A letter whose write fails stays pending: it is retried with capped backoff, forever, the failure counted
+in `ingestor_dlq_write_failures_total` and logged; the partition's committed offset cannot pass it.
 """
 
 from __future__ import annotations
@@ -13,13 +25,17 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ingestor import __version__, dlq_format
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+
+from ingestor import __version__, backoff, dlq_format
+from ingestor.clock import SYSTEM_CLOCK
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Awaitable, Callable, Collection
 
+    from ingestor.clock import Clock
     from ingestor.errors import Rejection
     from ingestor.events import Record
     from ingestor.metrics import Metrics
@@ -29,6 +45,14 @@ log = logging.getLogger("ingestor.deadletter")
 
 RETRY_BASE_S = 0.2
 RETRY_MAX_S = 10.0
+#: Kafka's default `max.message.bytes` (1 MiB plus the record batch overhead).
+DEFAULT_TOPIC_MAX_BYTES: Final = 1_048_588
+#: Room kept for the record batch header and per-record framing when judging whether a letter fits.
+FRAMING_BYTES: Final = 512
+#: An original key longer than this is dropped from an oversized letter along with its value.
+MAX_KEPT_KEY_BYTES: Final = 1024
+#: The errors that mean "this record is too large for the topic or the producer".
+SIZE_ERRORS: Final = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
 class Producer(Protocol):
@@ -53,15 +77,41 @@ class Letter:
     first_failure: float = 0.0
     last_failure: float = 0.0
 
-    def kafka_message(self) -> dict[str, Any]:
-        """Key, value and headers of the dead-letter record. Kafka clients refuse a record with neither
-        key nor value, so a keyless tombstone is written with an empty value and `ingestor.null_value`."""
+    def kafka_message(self, max_bytes: int = DEFAULT_TOPIC_MAX_BYTES) -> dict[str, Any]:
+        """Key, value and headers of the dead-letter record, within ``max_bytes`` (the topic's limit).
+
+        Kafka clients refuse a record with neither key nor value, so a keyless tombstone is written with
+        an empty value and `ingestor.null_value`. A letter that would not fit is written without the
+        original key, value and headers (see the module docstring)."""
         record, headers = self.record, self.headers()
         value = record.value
         if value is None and record.key is None:
             value = b""
             headers.append((dlq_format.NULL_VALUE, b"true"))
-        return {"key": record.key, "value": value, "headers": headers}
+        message = {"key": record.key, "value": value, "headers": headers}
+        if message_bytes(message) + FRAMING_BYTES > max_bytes:
+            return self._without_original(message, max_bytes)
+        return message
+
+    def fits(self, max_bytes: int) -> bool:
+        """Whether the letter, original included, fits a topic whose max.message.bytes is `max_bytes`."""
+        return (
+            message_bytes({"key": self.record.key, "value": self.record.value, "headers": self.headers()})
+            + (FRAMING_BYTES)
+            <= max_bytes
+        )
+
+    def _without_original(self, message: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+        size = message_bytes(message)
+        key = self.record.key if self.record.key is not None and len(self.record.key) <= MAX_KEPT_KEY_BYTES else None
+        note = (
+            f" (the original record, {size} bytes with its headers, does not fit the dead-letter topic's "
+            f"max.message.bytes of {max_bytes}: it is omitted; find it at its source coordinates)"
+        )
+        own = [(k, v) for k, v in message["headers"] if k.startswith(dlq_format.PREFIX)]
+        own = [(k, (v.decode() + note).encode() if k == dlq_format.MESSAGE else v) for k, v in own]
+        own += [(dlq_format.ORIGINAL_OMITTED, b"true"), (dlq_format.ORIGINAL_BYTES, str(size).encode())]
+        return {"key": key, "value": b"", "headers": own}
 
     def headers(self) -> list[tuple[str, bytes]]:
         record = self.record
@@ -95,18 +145,55 @@ class Letter:
         return out
 
 
+def message_bytes(message: dict[str, Any]) -> int:
+    """Bytes of a record's key, value and headers (without Kafka's framing)."""
+    key, value = message["key"], message["value"]
+    headers = sum(len(k) + len(v) for k, v in message["headers"])
+    return (len(key) if key else 0) + (len(value) if value else 0) + headers
+
+
 def _rfc3339(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
 
 
-class DeadLetterWriter:
-    """Queues letters and writes them in the background; a letter is done only once Kafka acked it."""
+class TopicLimit:
+    """The dead-letter topic's `max.message.bytes`, read at start and again after a write failed for size
+    (an operator may raise or lower it while the worker runs)."""
 
-    def __init__(self, producer: Producer, topic: str, tracker: OffsetTracker, metrics: Metrics) -> None:
+    def __init__(
+        self, read: Callable[[], Awaitable[int]] | None = None, initial: int = DEFAULT_TOPIC_MAX_BYTES
+    ) -> None:
+        self._read = read
+        self.max_bytes = initial
+
+    async def refresh(self) -> None:
+        if self._read is None:
+            return
+        try:
+            self.max_bytes = await self._read()
+        except Exception as exc:  # noqa: BLE001 - keep the last known limit; the write is retried anyway
+            log.warning("cannot read the dead-letter topic's max.message.bytes", extra={"error": repr(exc)})
+
+
+class DeadLetterWriter:
+    """Queues letters; a letter is done only once Kafka acked it (or its transaction committed)."""
+
+    def __init__(  # noqa: PLR0913 - explicit collaborators
+        self,
+        producer: Producer | None,
+        topic: str,
+        tracker: OffsetTracker,
+        metrics: Metrics,
+        *,
+        limit: TopicLimit | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._tracker = tracker
         self._metrics = metrics
+        self.limit = limit or TopicLimit()
+        self._clock = clock
         self._queue: list[Letter] = []
         self._writing: list[Letter] = []
         self._wake = asyncio.Event()
@@ -121,6 +208,10 @@ class DeadLetterWriter:
         self._wake.set()
 
     @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
     def backlog(self) -> int:
         return len(self._queue) + len(self._writing)
 
@@ -128,65 +219,108 @@ class DeadLetterWriter:
         """Whether a letter of one of these partitions is not acked yet."""
         return any(letter.chunk.tp in tps for letter in (*self._queue, *self._writing))
 
+    def partitions(self) -> set[tuple[str, int]]:
+        """Partitions with letters waiting."""
+        return {letter.chunk.tp for letter in self._queue}
+
+    def take(self, tps: Collection[tuple[str, int]] | None = None) -> list[Letter]:
+        """Remove and return the queued letters (of `tps` only, when given); letters of partitions no
+        longer ours are dropped: their next owner reads the records again."""
+        if tps is None:
+            taken, self._queue = self._queue, []
+        else:
+            taken = [letter for letter in self._queue if letter.chunk.tp in tps]
+            self._queue = [letter for letter in self._queue if letter.chunk.tp not in tps]
+        self._writing = taken
+        return [letter for letter in taken if not letter.chunk.released]
+
+    def finish(self, failed: list[Letter]) -> None:
+        """The letters taken last were written, except `failed`: first in line for the next attempt."""
+        self._writing = []
+        self._queue[:0] = failed
+        if not self._queue:
+            self._idle.set()
+
     async def run(self) -> None:
-        """Write queued letters until cancelled."""
+        """Write queued letters as they come (at-least-once mode), until cancelled."""
         failures = 0
         while True:
             if not self._queue:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
-            letters, self._queue = self._queue, []
-            self._writing = letters
+            letters = self.take()
+            failed: list[Letter] = letters
             try:
                 failed = await self._write(letters)
             finally:
-                self._writing = []
+                self.finish(failed)
             if failed:
-                self._queue[:0] = failed
                 failures += 1
-                delay = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**failures))  # noqa: S311
-                await asyncio.sleep(delay)
+                await self._clock.sleep(backoff.delay(failures, RETRY_BASE_S, RETRY_MAX_S, random.random()))  # noqa: S311
             else:
                 failures = 0
 
     async def _write(self, letters: list[Letter]) -> list[Letter]:
         """Send every letter, await the acks; return the letters that failed."""
-        pending: list[tuple[Letter, asyncio.Future[Any] | None, Exception | None]] = []
+        failed, errors = await self.send_all(letters)
         for letter in letters:
-            try:
-                fut = await self._producer.send(self._topic, **letter.kafka_message())
-                pending.append((letter, fut, None))
-            except Exception as exc:  # noqa: BLE001 - any producer error keeps the letter pending
-                pending.append((letter, None, exc))
-        failed: list[Letter] = []
-        first_error: BaseException | None = None
-        for letter, ack, send_error in pending:
-            error = send_error if ack is None else await _ack_error(ack)
-            if error is None:
-                self._done(letter)
-            else:
-                failed.append(letter)
-                first_error = first_error or error
+            if letter not in failed:
+                self.done(letter)
+        self.report(failed, errors)
+        return failed
+
+    async def send_all(self, letters: list[Letter]) -> tuple[list[Letter], list[BaseException]]:
+        """Send letters through the producer and await the acks: (the letters that failed, their errors).
+        A failure for size makes the writer re-read the topic's limit before the next attempt."""
+        assert self._producer is not None
+        return await send_letters(self._producer, self._topic, letters, self.limit)
+
+    def report(self, failed: list[Letter], errors: list[BaseException]) -> None:
+        """Count and log failed writes (or note that writing works again)."""
+        self.failing = bool(failed)
         if failed:
-            self.failing = True
             self._metrics.dlq_write_failures.inc(len(failed))
             log.warning(
                 "dead-letter write failed; will retry: %r",
-                first_error,
+                errors[0] if errors else None,
                 extra={"topic": self._topic, "records": len(failed)},
             )
-        else:
-            self.failing = False
-        return failed
 
-    def _done(self, letter: Letter) -> None:
+    def done(self, letter: Letter) -> None:
+        """The letter is in the dead-letter topic: its record is done."""
         self._tracker.complete(letter.chunk, 1)
         self._metrics.events_dead_lettered.labels(letter.record.topic, letter.reason).inc()
 
     async def wait_idle(self) -> None:
         """Until every submitted letter is acked."""
         await self._idle.wait()
+
+
+async def send_letters(
+    producer: Producer, topic: str, letters: list[Letter], limit: TopicLimit
+) -> tuple[list[Letter], list[BaseException]]:
+    """Send letters and await their acks: (the letters that failed, their errors). Before writing a letter
+    without its original for want of room, the topic's limit is read again: it may have been raised."""
+    if any(not letter.fits(limit.max_bytes) for letter in letters):
+        await limit.refresh()
+    pending: list[tuple[Letter, asyncio.Future[Any] | None, Exception | None]] = []
+    for letter in letters:
+        try:
+            fut = await producer.send(topic, **letter.kafka_message(limit.max_bytes))
+            pending.append((letter, fut, None))
+        except Exception as exc:  # noqa: BLE001 - any producer error keeps the letter pending
+            pending.append((letter, None, exc))
+    failed: list[Letter] = []
+    errors: list[BaseException] = []
+    for letter, ack, send_error in pending:
+        error = send_error if ack is None else await _ack_error(ack)
+        if error is not None:
+            failed.append(letter)
+            errors.append(error)
+    if any(isinstance(error, SIZE_ERRORS) for error in errors):
+        await limit.refresh()
+    return failed, errors
 
 
 async def _ack_error(fut: asyncio.Future[Any]) -> BaseException | None:

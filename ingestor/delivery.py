@@ -1,11 +1,16 @@
 """Drives one batch to done: accepted by Stripe, or its events dead-lettered.
 
 - Every request waits for its slot in the budget first.
-- `reauth` (401): the session token is rotated and the batch resent; this is not a failed attempt.
+- `reauth` (401): the refused token is invalidated (never raises: the session manager creates its
+  successor, single-flight and rate limited) and the batch resent once a new token is at hand, like
+  any request that waits for a session; up to `MAX_FREE_REAUTHS` in a row are not failed attempts.
 - `retry`: exponential backoff with full jitter, capped; on rate-limit 429s the budget also backs off.
   Transient failures are retried until INGESTOR_RETRY_DEADLINE_S (0: forever): a billing pipeline
   should stall and alert rather than dead-letter events Stripe would have taken a minute later.
-- `rejected` (400): the batch is split so the valid events are delivered and only the offending ones
+- `unexpected` (a redirect, another 2xx, a 200 whose body is not Stripe's `{}`): a misconfiguration (a
+  wrong base URL, a proxy); logged, counted (`ingestor_requests_total{outcome="unexpected"}`) and
+  retried like `retry`; the events are never taken as delivered.
+- `rejected` (400, 413): the batch is split so the valid events are delivered and only the offending ones
   dead-lettered. When Stripe's message names the bad event (`events[17]`), it is isolated at once
   (three requests); otherwise the batch is bisected (at most 2·k·log2(n) extra requests for k bad events).
 """
@@ -38,8 +43,13 @@ MAX_FREE_REAUTHS = 3
 
 
 class Sessions(Protocol):
-    async def token(self) -> str: ...
-    async def invalidate(self, token: str) -> None: ...
+    async def token(self) -> str:
+        """A valid token; raises when none can be had now (a transient failure for the caller)."""
+        ...
+
+    async def invalidate(self, token: str) -> None:
+        """The stream refused `token` (401): replace it. Never raises."""
+        ...
 
 
 class Progress(Protocol):
@@ -116,7 +126,12 @@ class Delivery:
             counter = self._request_counters[key] = metrics.requests.labels(key[0], str(key[1]))
         counter.inc()
         if answer.outcome is Outcome.REAUTH:
-            await self._sessions.invalidate(token)
+            await self._invalidate(token)
+        elif answer.outcome is Outcome.UNEXPECTED:
+            log.warning(
+                "the meter event stream gave an answer Stripe does not give; check the base URL and proxies",
+                extra={"status": answer.status, "detail": answer.message, "events": len(batch)},
+            )
         elif answer.status == 429:
             metrics.rate_limited.labels(answer.rate_limit_reason or "none").inc()
             if answer.rate_limit_reason:
@@ -125,6 +140,13 @@ class Delivery:
             metrics.batch_size.observe(len(batch))
             metrics.batch_bytes.observe(len(body))
         return answer
+
+    async def _invalidate(self, token: str) -> None:
+        """Report a refused token; whatever goes wrong there, the batch is simply sent again."""
+        try:
+            await self._sessions.invalidate(token)
+        except Exception as exc:  # noqa: BLE001 - a sender task must outlive any session failure
+            log.warning("invalidating a refused session token failed", extra={"error": type(exc).__name__})
 
     def _accepted(self, batch: Batch) -> None:
         complete = self._tracker.complete
@@ -185,6 +207,12 @@ class Delivery:
 
 
 def _cause_label(answer: Answer) -> str:
+    if answer.outcome is Outcome.UNEXPECTED:
+        return "unexpected_answer"
+    return _status_cause(answer)
+
+
+def _status_cause(answer: Answer) -> str:
     if answer.status == 429:
         return "rate_limited" if answer.rate_limit_reason else "lock_timeout"
     if answer.status >= 500:

@@ -14,8 +14,25 @@ Library::
         await create_topic(kafka.bootstrap, "events", 6)
         await produce(kafka.bootstrap, "events", [b"a", b"b"])
 
-Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092]`` (detached, recorded in a state
-file under the cache directory), ``down`` and ``status``.
+Command line (``ingestor kafka ...``): ``fetch``, ``up [--port 9092] [--secure]`` (detached, recorded
+in a state file under the cache directory), ``down``, ``status`` and ``env MODE`` (the worker's
+``KAFKA_*`` settings for a mode, as shell ``export`` lines: ``eval "$(ingestor kafka env mtls)"``).
+
+Secure listeners (``LocalKafka(secure=True)``, ``ingestor kafka up --secure``): besides PLAINTEXT, the
+same broker listens with every security mode the worker supports, on ports of their own, so that one
+broker serves every mode (see ``SECURE_MODES`` and ``client_env``):
+
+- ``SSL``: TLS; the broker's certificate is signed by a CA generated for this broker (``openssl``).
+- ``SASL_SSL``: TLS + SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN; the SCRAM user is created in the cluster's
+  metadata when the storage is formatted (``kafka-storage format --add-scram``), before the broker starts.
+- ``SASL_PLAINTEXT``: PLAIN (user and password in the broker's JAAS configuration).
+- ``MTLS``: TLS that requires a client certificate signed by the same CA.
+- ``WRONG_HOST``: TLS with a certificate for another host name (``kafka.invalid``), to test
+  ``KAFKA_SSL_CHECK_HOSTNAME``.
+
+The TLS material (``TlsMaterial``) also has a second, unrelated CA with a client certificate of its
+own: a CA the clients do not know, and a client certificate the broker refuses. Every file is made for
+the broker that uses it, in its data directory; nothing is shared between brokers.
 """
 
 from __future__ import annotations
@@ -28,6 +45,8 @@ import fcntl
 import itertools
 import json
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -37,7 +56,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -91,7 +110,6 @@ BROKER_SETTINGS: dict[str, str] = {
     "node.id": "1",
     "controller.listener.names": "CONTROLLER",
     "inter.broker.listener.name": "PLAINTEXT",
-    "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
     "num.partitions": "1",
     "auto.create.topics.enable": "false",
     "offsets.topic.replication.factor": "1",
@@ -211,10 +229,14 @@ def _java() -> str:
 class LocalKafka:
     """One running KRaft broker+controller on 127.0.0.1; start once, ``stop()`` any number of times."""
 
-    def __init__(self, port: int = 0, data_dir: Path | None = None, *, version: str = KAFKA_VERSION) -> None:
+    def __init__(
+        self, port: int = 0, data_dir: Path | None = None, *, version: str = KAFKA_VERSION, secure: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.bootstrap = f"{HOST}:{self.port}"
         self.version = version
+        self.with_secure_listeners = secure
+        self._secure: SecureListeners | None = None
         self._given_data_dir = data_dir
         self._data_dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -226,6 +248,13 @@ class LocalKafka:
         if self._data_dir is None:
             raise RuntimeError("the broker has not been started")
         return self._data_dir
+
+    @property
+    def secure(self) -> SecureListeners:
+        """The secure listeners (``LocalKafka(secure=True)`` only), once started."""
+        if self._secure is None:
+            raise RuntimeError("the broker has no secure listeners (start it with secure=True)")
+        return self._secure
 
     @property
     def log_path(self) -> Path:
@@ -310,8 +339,10 @@ class LocalKafka:
         self._data_dir = self._given_data_dir or Path(tempfile.mkdtemp(prefix="ingestor-kafka-"))
         self._data_dir.mkdir(parents=True, exist_ok=True)
         controller_port = free_port()
+        if self.with_secure_listeners:
+            self._secure = SecureListeners.create(self._data_dir / "tls")
         properties = self._data_dir / "server.properties"
-        properties.write_text(_server_properties(self.port, controller_port, self._data_dir / "kraft"))
+        properties.write_text(_server_properties(self.port, controller_port, self._data_dir / "kraft", self._secure))
         (self._data_dir / "log4j.properties").write_text(LOG4J_PROPERTIES)
         self._format_storage(libs, properties)
         command = [*self._java_command(libs, BROKER_JVM_OPTS), "kafka.Kafka", str(properties)]
@@ -326,6 +357,8 @@ class LocalKafka:
         tool = "kafka.tools.StorageTool"
         command = [*self._java_command(libs, TOOL_JVM_OPTS), tool, "format", "-t", _cluster_id()]
         command += ["-c", str(properties), "--ignore-formatted"]
+        if self._secure is not None:
+            command += self._secure.storage_arguments()
         done = subprocess.run(  # noqa: S603 - a fixed command line
             command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_S, check=False
         )
@@ -421,15 +454,220 @@ def _ensure_port_free(port: int) -> None:
             raise KafkaStartError(f"port {HOST}:{port} is already in use: {exc}") from exc
 
 
-def _server_properties(port: int, controller_port: int, log_dir: Path) -> str:
+def _server_properties(port: int, controller_port: int, log_dir: Path, secure: SecureListeners | None = None) -> str:
+    listeners = {"PLAINTEXT": port, **(secure.ports if secure else {})}
+    protocols = {"PLAINTEXT": "PLAINTEXT", "CONTROLLER": "PLAINTEXT", **(LISTENER_PROTOCOLS if secure else {})}
+    advertised = ",".join(f"{name}://{HOST}:{number}" for name, number in listeners.items())
     settings = {
         **BROKER_SETTINGS,
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": f"{advertised},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": advertised,
+        "listener.security.protocol.map": ",".join(f"{name}:{protocol}" for name, protocol in protocols.items()),
         "controller.quorum.voters": f"1@{HOST}:{controller_port}",
         "log.dirs": str(log_dir),
+        **(secure.broker_settings() if secure else {}),
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+# --- secure listeners -------------------------------------------------------------------------------
+
+#: Listener name -> security protocol. The listener names are this module's; clients see only ports.
+LISTENER_PROTOCOLS: dict[str, str] = {
+    "SSL": "SSL",
+    "SASL_SSL": "SASL_SSL",
+    "SASL_PLAINTEXT": "SASL_PLAINTEXT",
+    "MTLS": "SSL",
+    "WRONG_HOST": "SSL",
+}
+#: Client modes (``client_env``, ``ingestor kafka env``) -> (listener, SASL mechanism or "").
+SECURE_MODES: dict[str, tuple[str, str]] = {
+    "ssl": ("SSL", ""),
+    "sasl-ssl-scram-sha-256": ("SASL_SSL", "SCRAM-SHA-256"),
+    "sasl-ssl-scram-sha-512": ("SASL_SSL", "SCRAM-SHA-512"),
+    "sasl-ssl-plain": ("SASL_SSL", "PLAIN"),
+    "sasl-plaintext-plain": ("SASL_PLAINTEXT", "PLAIN"),
+    "mtls": ("MTLS", ""),
+}
+SASL_USER = "ingestor"
+#: The host name on the WRONG_HOST listener's certificate (a reserved name that never resolves).
+WRONG_HOST_NAME = "kafka.invalid"
+CERT_DAYS = 2
+OPENSSL_TIMEOUT_S = 30.0
+SCRAM_ITERATIONS = 4096
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM files made for one broker: its CA, its certificates, a client's, and a stranger's."""
+
+    directory: Path
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the broker's and the client's certificates (clients trust it)."""
+        return self.directory / "ca.pem"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.directory / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client.key"
+
+    @property
+    def stranger_ca_file(self) -> Path:
+        """A CA unrelated to the broker: trusting it instead of ``ca_file`` fails verification."""
+        return self.directory / "stranger-ca.pem"
+
+    @property
+    def stranger_cert(self) -> Path:
+        """A client certificate signed by the stranger CA: the MTLS listener refuses it."""
+        return self.directory / "stranger-client.pem"
+
+    @property
+    def stranger_key(self) -> Path:
+        return self.directory / "stranger-client.key"
+
+    @property
+    def broker_keystore(self) -> Path:
+        """The broker's key and certificate (for 127.0.0.1 and localhost), PEM, as Kafka reads them."""
+        return self.directory / "broker-keystore.pem"
+
+    @property
+    def wrong_host_keystore(self) -> Path:
+        """A key and certificate for ``WRONG_HOST_NAME``, signed by the same CA."""
+        return self.directory / "wrong-host-keystore.pem"
+
+    @classmethod
+    def generate(cls, directory: Path) -> TlsMaterial:
+        """Make every file with ``openssl`` (EC P-256 keys, valid for ``CERT_DAYS`` days)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tls = cls(directory)
+        _openssl_ca(directory / "ca", "ingestor test CA")
+        _openssl_ca(directory / "stranger-ca", "unrelated test CA")
+        san = f"DNS:localhost,IP:{HOST}"
+        _openssl_leaf(directory / "broker", directory / "ca", "broker", san, "serverAuth")
+        _openssl_leaf(
+            directory / "wrong-host", directory / "ca", WRONG_HOST_NAME, f"DNS:{WRONG_HOST_NAME}", "serverAuth"
+        )
+        _openssl_leaf(directory / "client", directory / "ca", "ingestor-client", "DNS:ingestor-client", "clientAuth")
+        stranger = directory / "stranger-client"
+        _openssl_leaf(stranger, directory / "stranger-ca", "stranger", "DNS:stranger", "clientAuth")
+        for leaf, keystore in (("broker", tls.broker_keystore), ("wrong-host", tls.wrong_host_keystore)):
+            keystore.write_text((directory / f"{leaf}.key").read_text() + (directory / f"{leaf}.pem").read_text())
+            keystore.chmod(0o600)
+        return tls
+
+
+def _openssl(*args: str) -> None:
+    command = [_executable("openssl", "OpenSSL"), *args]
+    done = subprocess.run(  # noqa: S603 - a fixed command line
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_S, check=False
+    )
+    if done.returncode != 0:
+        raise KafkaStartError(f"`{' '.join(command)}` failed (exit {done.returncode}):\n{_tail(done.stderr)}")
+
+
+def _openssl_key(key: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+    key.chmod(0o600)
+
+
+def _openssl_ca(stem: Path, name: str) -> None:
+    key = stem.with_suffix(".key")
+    _openssl_key(key)
+    _openssl(
+        *("req", "-x509", "-new", "-key", str(key), "-out", str(stem.with_suffix(".pem"))),
+        *("-days", str(CERT_DAYS), "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE"),
+        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+    )
+
+
+def _openssl_leaf(stem: Path, ca: Path, name: str, san: str, usage: str) -> None:
+    key, csr, extensions = stem.with_suffix(".key"), stem.with_suffix(".csr"), stem.with_suffix(".ext")
+    _openssl_key(key)
+    _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    extensions.write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n")
+    _openssl(
+        *("x509", "-req", "-in", str(csr), "-CA", str(ca.with_suffix(".pem")), "-CAkey", str(ca.with_suffix(".key"))),
+        *("-CAcreateserial", "-out", str(stem.with_suffix(".pem")), "-days", str(CERT_DAYS)),
+        *("-extfile", str(extensions)),
+    )
+    csr.unlink()
+    extensions.unlink()
+
+
+@dataclass(frozen=True)
+class SecureListeners:
+    """The secure listeners of one broker: their ports, the TLS material and the SASL user."""
+
+    ports: dict[str, int]
+    tls: TlsMaterial
+    username: str = SASL_USER
+    password: str = field(default="", repr=False)
+
+    @classmethod
+    def create(cls, directory: Path) -> SecureListeners:
+        password = secrets.token_urlsafe(18)
+        ports = {name: free_port() for name in LISTENER_PROTOCOLS}
+        listeners = cls(ports, TlsMaterial.generate(directory), SASL_USER, password)
+        listeners.password_file.write_text(password + "\n")
+        listeners.password_file.chmod(0o600)
+        return listeners
+
+    @property
+    def password_file(self) -> Path:
+        return self.tls.directory / "sasl-password"
+
+    def bootstrap(self, listener: str) -> str:
+        return f"{HOST}:{self.ports[listener]}"
+
+    def broker_settings(self) -> dict[str, str]:
+        tls = self.tls
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        plain = (
+            f'org.apache.kafka.common.security.plain.PlainLoginModule required user_{self.username}="{self.password}";'
+        )
+        return {
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(tls.broker_keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(tls.ca_file),
+            "ssl.client.auth": "none",
+            "listener.name.mtls.ssl.client.auth": "required",
+            "listener.name.wrong_host.ssl.keystore.location": str(tls.wrong_host_keystore),
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+            "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain,
+        }
+
+    def storage_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments that create the SCRAM user for both mechanisms."""
+        credentials = f"name={self.username},password={self.password},iterations={SCRAM_ITERATIONS}"
+        return [arg for m in ("SCRAM-SHA-256", "SCRAM-SHA-512") for arg in ("--add-scram", f"{m}=[{credentials}]")]
+
+    def client_env(self, mode: str) -> dict[str, str]:
+        """The worker's ``KAFKA_*`` settings to connect in ``mode`` (a key of ``SECURE_MODES``)."""
+        listener, mechanism = SECURE_MODES[mode]
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap(listener),
+            "KAFKA_SECURITY_PROTOCOL": LISTENER_PROTOCOLS[listener],
+        }
+        if "SSL" in env["KAFKA_SECURITY_PROTOCOL"]:
+            env["KAFKA_SSL_CAFILE"] = str(self.tls.ca_file)
+        if mechanism:
+            env["KAFKA_SASL_MECHANISM"] = mechanism
+            env["KAFKA_SASL_USERNAME"] = self.username
+            env["KAFKA_SASL_PASSWORD_FILE"] = str(self.password_file)
+        if listener == "MTLS":
+            env["KAFKA_SSL_CERTFILE"] = str(self.tls.client_cert)
+            env["KAFKA_SSL_KEYFILE"] = str(self.tls.client_key)
+        return env
 
 
 def _cluster_id() -> str:
@@ -637,6 +875,8 @@ class BrokerState:
     bootstrap: str
     data_dir: str
     version: str
+    #: ``up --secure`` only: mode -> the worker's ``KAFKA_*`` settings for it (no password: a file).
+    secure_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> BrokerState | None:
@@ -682,8 +922,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     up = actions.add_parser("up", help="start a broker in the background and wait until it is ready")
     up.add_argument("--port", type=int, default=DEFAULT_CLI_PORT, help="port on 127.0.0.1 (default: %(default)s)")
     up.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for readiness")
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="also listen with TLS, SASL and mutual TLS on other ports (see `ingestor kafka env`)",
+    )
     actions.add_parser("down", help="stop the broker started by `up` (nothing to do is not an error)")
     actions.add_parser("status", help="say whether the broker started by `up` runs (exit 1 if not)")
+    env = actions.add_parser(
+        "env", help="print the KAFKA_* settings to reach the broker started by `up --secure` in MODE"
+    )
+    env.add_argument("mode", choices=["plaintext", *SECURE_MODES], metavar="MODE", help=", ".join(SECURE_MODES))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -692,6 +941,7 @@ def main(args: argparse.Namespace) -> int:
         "up": _cli_up,
         "down": _cli_down,
         "status": _cli_status,
+        "env": _cli_env,
     }
     try:
         return actions[args.kafka_action](args)
@@ -714,18 +964,22 @@ def _cli_up(args: argparse.Namespace) -> int:
     _forget(state)
     data_dir = cache_dir() / "run" / f"broker-{args.port}"
     shutil.rmtree(data_dir, ignore_errors=True)
-    broker = LocalKafka(args.port, data_dir)
+    broker = LocalKafka(args.port, data_dir, secure=args.secure)
     started = time.monotonic()
     try:
         broker.start(args.timeout)
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version)
+    secure_env = {mode: broker.secure.client_env(mode) for mode in SECURE_MODES} if args.secure else {}
+    state = BrokerState(broker.detach(), broker.port, broker.bootstrap, str(data_dir), broker.version, secure_env)
     state.save()
     took = time.monotonic() - started
     where = f"pid {state.pid}, log {broker.log_path}"
     print(f"Kafka {state.version} is up at {state.bootstrap} in {took:.1f} s ({where})", file=sys.stderr)
+    if state.secure_env:
+        ports = ", ".join(f"{mode} {env['KAFKA_BOOTSTRAP_SERVERS']}" for mode, env in state.secure_env.items())
+        print(f"secure listeners: {ports}; settings: `ingestor kafka env MODE`", file=sys.stderr)
     print(state.bootstrap)
     return 0
 
@@ -757,6 +1011,24 @@ def _cli_status(_: argparse.Namespace) -> int:
     ready = asyncio.run(probe(state.bootstrap))
     print(f"Kafka {state.version} at {state.bootstrap} (pid {state.pid}): {'ready' if ready else 'not answering'}")
     return 0 if ready else 1
+
+
+def _cli_env(args: argparse.Namespace) -> int:
+    state = BrokerState.load()
+    if state is None or not state.is_running():
+        print("no local Kafka broker is running; start one with `ingestor kafka up --secure`", file=sys.stderr)
+        return 1
+    if args.mode == "plaintext":
+        env = {"KAFKA_BOOTSTRAP_SERVERS": state.bootstrap, "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+    elif args.mode in state.secure_env:
+        env = state.secure_env[args.mode]
+    else:
+        print(
+            "the running broker has no secure listeners; restart it with `ingestor kafka up --secure`", file=sys.stderr
+        )
+        return 1
+    print("\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items()))
+    return 0
 
 
 def _forget(state: BrokerState | None) -> None:

@@ -23,6 +23,8 @@ FIRST_FAILURE_AT: Final = "ingestor.first_failure_at"
 LAST_FAILURE_AT: Final = "ingestor.last_failure_at"
 VERSION: Final = "ingestor.version"
 NULL_VALUE: Final = "ingestor.null_value"
+ORIGINAL_OMITTED: Final = "ingestor.original_omitted"
+ORIGINAL_BYTES: Final = "ingestor.original_bytes"
 
 #: header -> meaning, for the README.
 HEADERS: Final[dict[str, str]] = {
@@ -39,6 +41,9 @@ HEADERS: Final[dict[str, str]] = {
     LAST_FAILURE_AT: "Last failure, RFC 3339 UTC.",
     VERSION: "Version of ingestor that wrote the record.",
     NULL_VALUE: "true when the original value was null and the record had no key (written with an empty value).",
+    ORIGINAL_OMITTED: "true when the original record did not fit the dead-letter topic's max.message.bytes: its "
+    "value, headers and (if over 1 KiB) key are omitted; the source headers locate it.",
+    ORIGINAL_BYTES: "Size of the omitted original (key, value and headers), in bytes.",
 }
 
 

@@ -8,9 +8,13 @@ the record value is a UTF-8 JSON object `{"event_name", "payload", "identifier"?
   RFC 3339 UTC with milliseconds. When absent, the record's Kafka timestamp is used, so a redelivered
   record keeps the time it was produced.
 - When `identifier` is absent, the `ingestor.identifier` header is used if present (set by
-  `ingestor dlq replay`), else one is derived from the record's coordinates: `kafka-<topic>-<partition>-<offset>`
-  (the topic replaced by a hash when that would exceed 100 characters). A redelivery after a crash
-  carries the same identifier, and Stripe counts it once.
+  `ingestor dlq replay`), else one is derived from the record's coordinates within a namespace unique to
+  the Kafka cluster (INGESTOR_IDENTIFIER_NAMESPACE, by default the cluster id):
+  `kafka-<namespace>.<topic>-<partition>-<offset>` (the topic replaced by a hash when that would exceed
+  100 characters). A redelivery after a crash carries the same identifier, and Stripe counts it once; the
+  same coordinates on another cluster give another identifier.
+- `Decoder.identifier_of` gives a rejected record the identifier its event would have been billed with,
+  by the same rules, so that its dead-letter record, replayed any number of times, is billed once.
 
 `Decoder.decode` works on a whole poll of one partition; its loop is the hot path: no allocation beyond
 the parsed dict, which is reused as the outgoing event.
@@ -48,6 +52,10 @@ _TS_CACHE_LIMIT = 4096
 #: takes ISO 8601 forms RFC 3339 does not (no seconds, `+0530`, `+05`, `,5`, a space before the offset).
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)", re.ASCII)
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+#: "000".."999" -> 0..999: looks up and validates a canonical timestamp's milliseconds in one step.
+_MS_DIGITS = {f"{ms:03d}": ms for ms in range(1000)}
+#: Lengths of `YYYY-MM-DDTHH:MM:SS.mmmZ` and `YYYY-MM-DDTHH:MM:SS.mmm+hh:mm`, the forms with a fast path.
+_MS_Z_LEN, _MS_OFFSET_LEN = 24, 29
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
@@ -70,12 +78,17 @@ class Record(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-def identifier_prefix(topic: str, partition: int) -> str:
-    """The derived identifier's prefix; the offset follows. Never longer than 100 characters in all."""
-    prefix = f"kafka-{topic}-{partition}-"
+def identifier_prefix(topic: str, partition: int, namespace: str = "") -> str:
+    """The derived identifier's prefix; the offset follows. Never longer than 100 characters in all.
+
+    `kafka-<namespace>.<topic>-<partition>-`: a namespace has no `.` (see settings), so it ends at the first
+    one whatever the topic's name. Without a namespace (earlier versions): `kafka-<topic>-<partition>-`.
+    """
+    scope = f"{namespace}." if namespace else ""
+    prefix = f"kafka-{scope}{topic}-{partition}-"
     if len(prefix) + 20 > MAX_IDENTIFIER_CHARS:
         digest = hashlib.sha256(topic.encode()).hexdigest()[:24]
-        prefix = f"kafka-{digest}-{partition}-"
+        prefix = f"kafka-{scope}{digest}-{partition}-"
     return prefix
 
 
@@ -121,10 +134,13 @@ def _stringify_payload(payload: dict[str, Any]) -> None:
 class Decoder:
     """Turns records into stream events. Holds caches; one per worker."""
 
-    def __init__(self, catalog: MeterCatalog, *, max_record_bytes: int) -> None:
+    def __init__(self, catalog: MeterCatalog, *, max_record_bytes: int, namespace: str = "") -> None:
         self.catalog = catalog
         self.max_record_bytes = max_record_bytes
+        self.namespace = namespace
         self._ts_cache: dict[str, tuple[float, str]] = {}
+        #: `YYYY-MM-DDTHH:MM:SS` + zone -> unix milliseconds of that second (see `_millisecond_form`)
+        self._second_ms: dict[str, int] = {}
         self._prefixes: dict[tuple[str, int], str] = {}
         self._last_second = -1
         self._last_second_text = ""
@@ -140,7 +156,7 @@ class Decoder:
             return events, sources, rejected
         first = records[0]
         key = (first.topic, first.partition)
-        prefix = self._prefixes.get(key) or self._prefixes.setdefault(key, identifier_prefix(*key))
+        prefix = self._prefixes.get(key) or self._prefix(*key)
         lowest, highest = now - PAST_WINDOW_S, now + FUTURE_WINDOW_S
         loads, max_bytes, lookup = orjson.loads, self.max_record_bytes, self.catalog.lookup
         # Per poll: meters already looked up (the catalog does not change during a synchronous poll),
@@ -149,6 +165,7 @@ class Decoder:
         last_ms: int | None = None
         last_text = ""
         allowed, str_, dict_ = ALLOWED_FIELDS, str, dict
+        ms_digits, seconds = _MS_DIGITS, self._second_ms
         append_event, append_source = events.append, sources.append
         # The whole of the checks inline for the common case (no call per event); anything unusual
         # takes the same checks in the same order, so the rejections are the same.
@@ -192,7 +209,24 @@ class Decoder:
                         check_value(amount)  # raises the precise rejection
                 elif meter.needs_value:
                     raise Rejection("value_missing", f"payload lacks the value key {meter.value_key!r}")  # noqa: TRY301
-                if len(event) == 2 and not record.headers:  # the common producer: no identifier, no timestamp
+                if len(event) == 4:  # identifier and timestamp given: fast when already in Stripe's form
+                    identifier = event["identifier"]
+                    raw = event["timestamp"]
+                    if not (
+                        type(identifier) is str_
+                        and 0 < len(identifier) <= MAX_IDENTIFIER_CHARS
+                        and type(raw) is str_
+                        and len(raw) == _MS_Z_LEN
+                        and raw[10] == "T"
+                        and raw[19] == "."
+                        and raw[23] == "Z"
+                        and (millis := ms_digits.get(raw[20:23])) is not None
+                        and (second_ms := seconds.get(raw[:19])) is not None
+                        and lowest <= (second_ms + millis) / 1000 <= highest
+                    ):
+                        self._fill_optional(event, record, prefix, lowest, highest)
+                    # else: valid and canonical, passed through as it came
+                elif len(event) == 2 and not record.headers:  # the common producer: no identifier, no timestamp
                     event["identifier"] = f"{prefix}{record.offset}"
                     ms = record.timestamp
                     if ms != last_ms:
@@ -209,6 +243,27 @@ class Decoder:
                 append_source(record)
         return events, sources, rejected
 
+    def _prefix(self, topic: str, partition: int) -> str:
+        prefix = self._prefixes.get((topic, partition))
+        if prefix is None:
+            prefix = self._prefixes[topic, partition] = identifier_prefix(topic, partition, self.namespace)
+        return prefix
+
+    def identifier_of(self, record: Record) -> str:
+        """The identifier `record`'s event is billed with, for a rejected record ("" when it can have none).
+
+        The producer's `identifier` when the value is a JSON object that has one, else the record's
+        `ingestor.identifier` header, else the one derived from its coordinates: as `decode` decides.
+        Rejections are rare: the value is parsed again here rather than slowing the hot loop.
+        """
+        identifier = _given_identifier(record.value)
+        if identifier is None:
+            carried = record.headers and _header(record, dlq_format.IDENTIFIER)
+            identifier = carried or f"{self._prefix(record.topic, record.partition)}{record.offset}"
+        if type(identifier) is not str or not 0 < len(identifier) <= MAX_IDENTIFIER_CHARS:
+            return ""
+        return identifier
+
     def _fill_optional(self, event: dict[str, Any], record: Record, prefix: str, lowest: float, highest: float) -> None:
         """Identifier and timestamp when the producer gave either."""
         identifier = event.get("identifier")
@@ -224,7 +279,7 @@ class Decoder:
         if raw is None:
             seconds, text = record.timestamp / 1000, ""
         elif type(raw) is str:
-            seconds, text = self._parse_cached(raw)
+            seconds, text = self._millisecond_form(raw) or self._parse_cached(raw)
         elif type(raw) in (int, float) and math.isfinite(raw):
             seconds, text = float(raw), ""
         else:
@@ -234,8 +289,39 @@ class Decoder:
         if seconds > highest:
             raise Rejection("timestamp_in_future", f"{_shown(raw, record)} is more than 5 minutes ahead")
         if not text:
-            text = self._format_record_ms(record.timestamp) if raw is None else format_ms(round(seconds * 1000))
+            text = self._format_record_ms(record.timestamp if raw is None else round(seconds * 1000))
         event["timestamp"] = text
+
+    def _millisecond_form(self, raw: str) -> tuple[float, str] | None:
+        """(seconds, text) of `YYYY-MM-DDTHH:MM:SS.mmm` + `Z` or `±hh:mm` without a parse per event.
+
+        The second and its zone are parsed once (by `parse_timestamp`, the reference) and cached as unix
+        milliseconds; the milliseconds are added. Seconds are `unix ms / 1000`, the same correctly
+        rounded float `datetime.timestamp` gives. A canonical UTC string (`T`, `Z`) is passed through;
+        the others are formatted as `format_ms` would. None: not this form, or not valid (the caller
+        takes the reference path, which gives the precise rejection).
+        """
+        size = len(raw)
+        if size not in {_MS_Z_LEN, _MS_OFFSET_LEN} or raw[19] != ".":
+            return None
+        millis = _MS_DIGITS.get(raw[20:23])
+        if millis is None:
+            return None
+        zone = raw[23:]
+        key = raw[:19] if zone == "Z" else raw[:19] + zone  # the hot loop looks `Z` seconds up by raw[:19]
+        second_ms = self._second_ms.get(key)
+        if second_ms is None:
+            try:
+                second_ms = round(parse_timestamp(raw[:19] + zone)) * 1000
+            except (ValueError, OverflowError):
+                return None
+            if len(self._second_ms) >= _TS_CACHE_LIMIT:
+                self._second_ms.clear()
+            self._second_ms[key] = second_ms
+        ms = second_ms + millis
+        if size == _MS_Z_LEN and raw[10] == "T" and raw[23] == "Z":
+            return ms / 1000, raw
+        return ms / 1000, self._format_record_ms(ms)
 
     def _format_record_ms(self, ms: int) -> str:
         second, millis = divmod(ms, 1000)
@@ -256,6 +342,17 @@ class Decoder:
             self._ts_cache.clear()
         hit = self._ts_cache[raw] = (seconds, format_ms(round(seconds * 1000)))
         return hit
+
+
+def _given_identifier(value: bytes | None) -> object:
+    """The value's `identifier` field, if the value is a JSON object (None otherwise)."""
+    if value is None:
+        return None
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return event.get("identifier") if type(event) is dict else None
 
 
 def _header(record: Record, name: str) -> str | None:

@@ -4,9 +4,14 @@ Health tells the truth about progress, not just liveness of the event loop:
 
 - `/readyz` fails until the consumer has joined its group and a session token was obtained, while Kafka
   does not answer a metadata request (probed every 5 s) or no session token is valid (Stripe unreachable),
-  and whenever lag exists but nothing was delivered or committed for INGESTOR_STUCK_AFTER_S.
+  whenever lag exists but nothing was delivered or committed for INGESTOR_STUCK_AFTER_S, and while one
+  partition's commit has not moved for INGESTOR_STUCK_AFTER_S with records pending (the others may flow).
 - `/healthz` fails when the worker is wedged: lag exists and nothing was delivered or committed for
   twice INGESTOR_STUCK_AFTER_S (a restart may help), or the main loop stopped.
+
+Every site (these endpoints and the webhook) is served by `start_site`, whose server logs through
+`ingestor.http`: a request that is not valid HTTP is answered 400 by aiohttp and logged there as one
+warning line, not as aiohttp's error with a traceback (the webhook port faces the internet).
 """
 
 from __future__ import annotations
@@ -19,12 +24,37 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from ingestor.metrics import Metrics
+
+_REFUSAL_CHARS = 200
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Turns aiohttp's "Error handling request" for a request that is not valid HTTP (answered 400) into
+    one warning line naming the client and the problem; any other error keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed HTTP request from %s refused with %d: %s"
+            record.args = (remote, exc.code or 400, " ".join(str(exc.message).split())[:_REFUSAL_CHARS])
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+#: The logger of every HTTP server the worker runs (see `MalformedRequestFilter`).
+http_log = logging.getLogger("ingestor.http")
+http_log.addFilter(MalformedRequestFilter())
 
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
@@ -69,6 +99,8 @@ class HealthState:
     running: bool = True
     last_progress: float = field(default_factory=time.monotonic)
     lag: Callable[[], int] = lambda: 0
+    #: the partition stalled longest ("topic/partition", seconds), or None
+    stalled_partition: Callable[[], tuple[str, float] | None] = lambda: None
 
     def progressed(self) -> None:
         self.last_progress = self.clock()
@@ -90,17 +122,23 @@ class HealthState:
         return now - max(self.last_progress, self.lag_since)
 
     def readiness(self) -> tuple[bool, str]:
-        if not self.running:
-            return False, "stopping"
-        if not self.joined:
-            return False, "not a member of the consumer group yet"
-        if not self.kafka_ok:
-            return False, "Kafka unreachable"
-        if not self.stripe_ok:
-            return False, "no valid Stripe session"
-        if self.stuck_for() >= self.stuck_after:
-            return False, f"lag but no delivery or commit for {self.stuck_for():.0f}s"
+        for failing, reason in self._readiness_checks():
+            if failing:
+                return False, reason
         return True, "ok"
+
+    def _readiness_checks(self) -> Iterator[tuple[bool, str]]:
+        """(failing, why) for each condition in order; evaluated lazily, first failure wins."""
+        yield not self.running, "stopping"
+        yield not self.joined, "not a member of the consumer group yet"
+        yield not self.kafka_ok, "Kafka unreachable"
+        yield not self.stripe_ok, "no valid Stripe session"
+        stalled = self.stalled_partition()  # before the worker-wide check: it names the partition
+        if stalled is not None:
+            name, seconds = stalled
+            yield seconds >= self.stuck_after, f"partition {name} has records pending and no commit for {seconds:.0f}s"
+        stuck = self.stuck_for()
+        yield stuck >= self.stuck_after, f"lag but no delivery or commit for {stuck:.0f}s"
 
     def liveness(self) -> tuple[bool, str]:
         if self.stuck_for() >= 2 * self.stuck_after:
@@ -128,7 +166,7 @@ def http_app(metrics: Metrics, health: HealthState) -> web.Application:
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve `app`; return the runner (to clean up) and the bound port."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_log)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -5,6 +5,12 @@ pending. A record stops pending when Stripe accepted its event or Kafka acked it
 callers complete records in bulk (`complete(chunk, n)`), once per batch. A partition's committable
 offset is the end of the longest run of finished chunks from the oldest: the highest offset below
 which every record is done. Pure: no I/O, no clock.
+
+How far a partition runs ahead of that watermark is bounded by the worker: `ahead(tp)` counts the
+records consumed since the oldest unfinished one (finished or not), so a record that never finishes
+cannot let its partition's chunk list grow without end (the worker pauses that partition at
+INGESTOR_MAX_PARTITION_AHEAD). `watermark_with` answers "what could be committed if these records were
+done too", so dead-letter records and the offsets past them can be committed in one Kafka transaction.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class Chunk:
     end: int
     pending: int
     released: bool = False
+    #: records in the chunk, done or not
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -36,6 +44,8 @@ class PartitionProgress:
     #: The committable offset: every record below it is done (None: nothing done since assignment).
     done_up_to: int | None = None
     committed: int | None = None
+    #: records in `chunks` (done or not): how far the partition ran ahead of `done_up_to`
+    ahead: int = 0
 
 
 class OffsetTracker:
@@ -62,13 +72,14 @@ class OffsetTracker:
     def open(self, tp: TopicPartition, start: int, end: int, count: int) -> Chunk:
         """Track a poll's records: offsets [start, end) holding `count` records (gaps are allowed)."""
         progress = self._partitions.get(tp)
-        chunk = Chunk(tp, start, end, count)
+        chunk = Chunk(tp, start, end, count, size=count)
         if progress is None:  # not assigned (any more): nothing of it may be committed
             chunk.released = True
             return chunk
         if progress.chunks and start < progress.chunks[-1].end:
             raise ValueError(f"chunk {start}..{end} of {tp} overlaps an open chunk")
         progress.chunks.append(chunk)
+        progress.ahead += count
         self.pending += count
         if count == 0:
             self._advance(progress)
@@ -91,7 +102,30 @@ class OffsetTracker:
     def _advance(progress: PartitionProgress) -> None:
         chunks = progress.chunks
         while chunks and chunks[0].pending == 0:
-            progress.done_up_to = chunks.popleft().end
+            chunk = chunks.popleft()
+            progress.done_up_to = chunk.end
+            progress.ahead -= chunk.size
+
+    def watermark_with(self, tp: TopicPartition, extra: dict[Chunk, int]) -> int | None:
+        """The committable offset of `tp` if `extra[chunk]` more records of each chunk were done."""
+        progress = self._partitions.get(tp)
+        if progress is None:
+            return None
+        mark = progress.done_up_to
+        for chunk in progress.chunks:
+            if chunk.pending - extra.get(chunk, 0) > 0:
+                break
+            mark = chunk.end
+        return mark
+
+    def ahead(self, tp: TopicPartition) -> int:
+        """Records of `tp` consumed since its oldest unfinished record (0 when all are done)."""
+        progress = self._partitions.get(tp)
+        return 0 if progress is None else progress.ahead
+
+    def done_up_to(self, tp: TopicPartition) -> int | None:
+        progress = self._partitions.get(tp)
+        return None if progress is None else progress.done_up_to
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit now: partitions whose done-watermark moved past the last commit."""

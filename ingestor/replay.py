@@ -9,6 +9,12 @@ event keeps the identifier it was dead-lettered with and Stripe's 24-hour de-dup
 The original record's Kafka timestamp (header `ingestor.source.timestamp`) is restored too: the worker
 bills an event without a `timestamp` field at its record's timestamp, not at the time of the replay.
 
+The worker writes every dead-letter record with the identifier its event is billed with, so replaying the
+same records twice (or in overlapping `--limit` runs) bills each event once. A record written by an older
+version without `ingestor.identifier` is given the identifier derived from its `ingestor.source.*` headers,
+in the namespace of the cluster (INGESTOR_IDENTIFIER_NAMESPACE, else the cluster id): the same on every
+replay.
+
 Records with reason `stripe_async_error` hold Stripe's error report about an event, not the event, so
 they are skipped unless asked for by name.
 """
@@ -23,15 +29,16 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from ingestor import dlq_format
+from ingestor import cluster, dlq_format
 from ingestor.errors import REASONS
-from ingestor.settings import KafkaConnection, SettingsError, load_kafka
+from ingestor.events import identifier_prefix
+from ingestor.settings import SETTINGS, KafkaConnection, SettingsError, load_kafka
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -80,11 +87,24 @@ class DlqRecord:
     def reason(self) -> str:
         return self.header(dlq_format.REASON) or NO_REASON
 
+    def derived_identifier(self, namespace: str) -> str | None:
+        """The identifier derived from the original record's coordinates (`ingestor.source.*`), if known."""
+        topic, partition, offset = (
+            self.header(h) for h in (dlq_format.SOURCE_TOPIC, dlq_format.SOURCE_PARTITION, dlq_format.SOURCE_OFFSET)
+        )
+        if not topic or not _digits(partition) or not _digits(offset):
+            return None
+        return f"{identifier_prefix(topic, int(partition), namespace)}{offset}"
+
     @property
     def source_timestamp_ms(self) -> int | None:
         """The original record's Kafka timestamp, from `ingestor.source.timestamp`."""
         text = self.header(dlq_format.SOURCE_TIMESTAMP)
-        return int(text) if text is not None and text.isascii() and text.isdigit() else None
+        return int(text) if _digits(text) else None
+
+
+def _digits(text: str | None) -> TypeGuard[str]:
+    return text is not None and text.isascii() and text.isdigit()
 
 
 def selects(reasons: frozenset[str] | None, reason: str) -> bool:
@@ -94,10 +114,12 @@ def selects(reasons: frozenset[str] | None, reason: str) -> bool:
     return reason in reasons
 
 
-def replay_headers(headers: tuple[tuple[str, bytes], ...]) -> list[tuple[str, bytes]]:
-    """The original record's headers, then its `ingestor.identifier` header if it has one."""
+def replay_headers(headers: tuple[tuple[str, bytes], ...], derived: str | None = None) -> list[tuple[str, bytes]]:
+    """The original record's headers, then its `ingestor.identifier` header if it has one, else `derived`."""
     kept = dlq_format.strip_own_headers(list(headers))
     identifier = next((v for k, v in headers if k == dlq_format.IDENTIFIER), None)
+    if identifier is None and derived:
+        identifier = derived.encode()
     if identifier is not None:
         kept.append((dlq_format.IDENTIFIER, identifier))
     return kept
@@ -132,17 +154,20 @@ class ReplayOptions:
     reasons: frozenset[str] | None = None
     dry_run: bool = False
     limit: int | None = None
+    #: INGESTOR_IDENTIFIER_NAMESPACE; empty: the cluster id
+    namespace: str = ""
 
 
 # --- reading the snapshot ---------------------------------------------------------------------------
 
 
-async def _partitions(client: dict[str, Any], options: ReplayOptions) -> list[TopicPartition]:
-    """The dead-letter topic's partitions, once both topics are known to exist."""
+async def _describe(client: dict[str, Any], options: ReplayOptions) -> tuple[list[TopicPartition], str]:
+    """The dead-letter topic's partitions, once both topics are known to exist, and the identifier namespace."""
     admin = AIOKafkaAdminClient(**client)
     await admin.start()
     try:
         described = await admin.describe_topics([options.from_topic, options.to_topic])
+        cluster_id = "" if options.namespace else (await admin.describe_cluster()).get("cluster_id")
     finally:
         await admin.close()
     found = {d["topic"]: d for d in described if not d["error_code"]}
@@ -150,7 +175,8 @@ async def _partitions(client: dict[str, Any], options: ReplayOptions) -> list[To
         if topic not in found:
             raise ReplayError(f"topic {topic!r} does not exist")
     numbers = sorted(p["partition"] for p in found[options.from_topic]["partitions"])
-    return [TopicPartition(options.from_topic, n) for n in numbers]
+    namespace = cluster.identifier_namespace(options.namespace, cluster_id)
+    return [TopicPartition(options.from_topic, n) for n in numbers], namespace
 
 
 async def read_snapshot(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> AsyncGenerator[DlqRecord]:
@@ -197,9 +223,10 @@ def _dlq_record(message: Any) -> DlqRecord:
 class _Publisher:
     """Sends with a bounded window of unacknowledged records; `flush()` waits for every ack."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+    def __init__(self, producer: AIOKafkaProducer, topic: str, namespace: str) -> None:
         self._producer = producer
         self._topic = topic
+        self._namespace = namespace
         self._pending: list[Awaitable[Any]] = []
         self.acked = 0
 
@@ -209,7 +236,7 @@ class _Publisher:
             self._topic,
             value=None if null and record.key is not None else record.value,
             key=record.key,
-            headers=replay_headers(record.headers),
+            headers=replay_headers(record.headers, record.derived_identifier(self._namespace)),
             timestamp_ms=record.source_timestamp_ms,
         )
         self._pending.append(future)
@@ -230,13 +257,13 @@ async def replay(
     if options.reasons is not None and REPORT_REASON in options.reasons:
         warn(f"records with reason {REPORT_REASON} hold Stripe's error report, not an event: published as they are")
     client = connection.client_options()
-    partitions = await _partitions(client, options)
+    partitions, namespace = await _describe(client, options)
     tally = Tally()
     async with contextlib.AsyncExitStack() as stack:
         consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **client)
         stack.push_async_callback(consumer.stop)
         await consumer.start()
-        publisher = None if options.dry_run else await _publisher(stack, client, options.to_topic)
+        publisher = None if options.dry_run else await _publisher(stack, client, options.to_topic, namespace)
         await _walk(consumer, partitions, options, tally, publisher)
         if publisher is not None:
             await publisher.flush()
@@ -249,11 +276,13 @@ async def replay(
     return tally
 
 
-async def _publisher(stack: contextlib.AsyncExitStack, client: dict[str, Any], topic: str) -> _Publisher:
+async def _publisher(
+    stack: contextlib.AsyncExitStack, client: dict[str, Any], topic: str, namespace: str
+) -> _Publisher:
     producer = AIOKafkaProducer(enable_idempotence=True, acks="all", **client)
     stack.push_async_callback(producer.stop)
     await producer.start()
-    return _Publisher(producer, topic)
+    return _Publisher(producer, topic, namespace)
 
 
 async def _walk(
@@ -333,7 +362,15 @@ def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> R
         reasons=frozenset(args.reason) if args.reason else None,
         dry_run=args.dry_run,
         limit=args.limit,
+        namespace=_namespace_setting(environ),
     )
+
+
+def _namespace_setting(environ: Mapping[str, str]) -> str:
+    """INGESTOR_IDENTIFIER_NAMESPACE, validated as the worker does."""
+    var = next(v for v in SETTINGS if v.env == cluster.NAMESPACE_ENV)
+    parsed: str = var.parse(var.env, environ.get(var.env, ""))
+    return parsed
 
 
 async def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:

@@ -9,10 +9,13 @@ Errors::
 
     SessionError                  base; ``retriable`` says whether trying again later can help
     ├── SessionAuthError          401/403: the API key is wrong or lacks permission (not retriable)
-    └── SessionUnavailable        429, 408, 409, 5xx, connection errors, timeouts (retriable)
+    └── SessionUnavailable        429, 408, 409, 5xx, 3xx and 2xx but 200, connection errors, timeouts
+                                  (retriable)
 
 A malformed 200 response is a plain `SessionError` with code ``malformed_response`` (retriable); other
-4xx answers are plain, not retriable. Neither the API key nor a token ever appears in a message or log.
+4xx answers are plain, not retriable. Only a 200 is a session: a redirect (never followed) or another
+2xx is a `SessionUnavailable` with code ``unexpected_answer`` (a wrong INGESTOR_STRIPE_API_BASE, a proxy).
+Neither the API key nor a token ever appears in a message or log.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ DEFAULT_BACKOFF_BASE_S: Final = 0.2
 DEFAULT_BACKOFF_CAP_S: Final = 10.0
 #: The background rotator never creates sessions more often than this, whatever the grants say.
 MIN_ROTATION_INTERVAL_S: Final = 1.0
+#: After a 401 on a token that served less than `REAUTH_MAX_INTERVAL_S`, the next 401-triggered creation
+#: waits this long after the refused token was created, doubling with each such refusal in a row...
+REAUTH_FIRST_INTERVAL_S: Final = 1.0
+#: ...up to this; a refused token that served at least this long starts a new streak (created at once).
+REAUTH_MAX_INTERVAL_S: Final = 30.0
 _MESSAGE_LIMIT: Final = 200
 _SECRET_PATTERN: Final = re.compile(r"\b(?:sk|rk|ek|pk)_(?:live|test)_[A-Za-z0-9_*]+|Bearer\s+\S+")
 _RFC3339: Final = re.compile(r"^(?P<head>[^.]+)(?:\.(?P<fraction>\d+))?(?P<zone>Z|z|[+-]\d\d:\d\d)$")
@@ -98,6 +106,23 @@ def refresh_at(grant: SessionGrant, margin: float = DEFAULT_MARGIN_SECONDS) -> f
 
 def needs_refresh(grant: SessionGrant, now: float, margin: float = DEFAULT_MARGIN_SECONDS) -> bool:
     return now >= refresh_at(grant, margin)
+
+
+def reauth_streak(streak: int, served_seconds: float) -> int:
+    """401 refusals in a row, this one included: a token that served `REAUTH_MAX_INTERVAL_S` resets it."""
+    return 1 if served_seconds >= REAUTH_MAX_INTERVAL_S else streak + 1
+
+
+def reauth_interval(streak: int) -> float:
+    """Seconds between a refused token's creation and the 401-triggered creation of its successor.
+
+    None for the first refusal of a streak (a revoked or expired session is replaced at once), then
+    1 s, 2 s, 4 s... capped at `REAUTH_MAX_INTERVAL_S`: a stream that refuses every new token (a key of
+    another account, a proxy) cannot turn a storm of 401s into a storm of session creations.
+    """
+    if streak <= 1:
+        return 0.0
+    return min(REAUTH_MAX_INTERVAL_S, REAUTH_FIRST_INTERVAL_S * 2.0 ** min(streak - 2, 64))
 
 
 def _malformed(what: str) -> SessionError:
@@ -173,6 +198,9 @@ def classify_failure(status: int, headers: dict[str, str], body: bytes, api_key:
     if request_id := headers.get("Request-Id"):
         detail += f" (request {request_id})"
     text = f"creating a meter event session failed: {detail}"
+    if status < 400:
+        where = f" (a redirect to {headers.get('Location', '?')[:200]!r}, not followed)" if status >= 300 else ""
+        return SessionUnavailable(text + where, code="unexpected_answer", status=status)
     should_retry = headers.get("Stripe-Should-Retry")
     if status in {401, 403}:
         return SessionAuthError(text, code=code or f"http_{status}", status=status)
@@ -199,7 +227,9 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
     headers = {"Authorization": f"Bearer {api_key}", "Stripe-Version": stripe_version}
     sent_at = clock.monotonic()
     try:
-        async with http.post(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.post(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as response:
             body = await response.read()
             status, response_headers = response.status, dict(response.headers)
     except TimeoutError:
@@ -209,7 +239,7 @@ async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clo
     except aiohttp.ClientError as exc:
         text = _redact(f"{type(exc).__name__}: {exc}", api_key)
         raise SessionUnavailable(f"cannot reach {url}: {text}", code="connection_error") from None
-    if 200 <= status < 300:
+    if status == 200:
         return parse_session_response(body, sent_at)
     raise classify_failure(status, response_headers, body, api_key)
 
@@ -241,6 +271,10 @@ class SessionManager:
     backoff; meanwhile `token` returns the old token while it has not expired, and once it has, raises
     the last error (callers treat ``retriable`` ones as transient) until a refresh succeeds.
 
+    `invalidate` (the stream answered 401) never raises: the refused token is never handed out again,
+    and a new session is created by the same single-flight refresh, no sooner than `reauth_interval`
+    allows; until then `token` raises a retriable `SessionUnavailable` (code ``reauth_backoff``).
+
     Observability, read at scrape time: `rotations_total` (sessions created, the first included),
     `refresh_failures_total`, `consecutive_failures`, `last_error_code`, `seconds_until_expiry(now)`.
     """
@@ -267,6 +301,10 @@ class SessionManager:
         self._retry_at: float | None = None
         self._last_error: SessionError | None = None
         self._last_success_at = -math.inf
+        #: the current grant was refused by the stream (401); `_reauth_at`: its successor not before
+        self._refused = False
+        self._reauth_streak = 0
+        self._reauth_at = -math.inf
         self.rotations_total = 0
         self.refresh_failures_total = 0
         self.consecutive_failures = 0
@@ -303,30 +341,56 @@ class SessionManager:
     async def token(self) -> str:
         """The current token; waits only when there is no unexpired one."""
         grant, now = self._grant, self._clock.monotonic()
-        if grant is not None and now < grant.expires_monotonic and not self._stopped:
+        if grant is not None and now < grant.expires_monotonic and not self._refused and not self._stopped:
             return grant.token
         return (await self._fresh_grant(now)).token
 
     async def invalidate(self, token: str) -> None:
-        """The stream refused ``token`` as expired: refresh now, unless it was replaced already.
+        """The stream refused ``token`` (401): never hand it out again, and have a new session created.
 
-        Concurrent invalidations of the same token share one refresh. Raises like `token` when the
-        refresh fails.
+        Never raises and never waits: callers then ask `token` like any other caller. Only the first
+        refusal of the current token counts (a storm of 401s on it is one); an older token is ignored.
+        The creation is the single-flight refresh, started here when `reauth_interval` allows it, else
+        by the rotator (or a `token` caller) once it does.
         """
         grant = self._grant
-        if grant is None or grant.token != token:
+        if self._stopped or grant is None or grant.token != token or self._refused:
             return
         now = self._clock.monotonic()
-        if now < grant.expires_monotonic:
-            self._grant = dataclasses.replace(grant, expires_monotonic=now)
-        await self._fresh_grant(now)
+        self._refused = True
+        self._reauth_streak = reauth_streak(self._reauth_streak, now - self._last_success_at)
+        self._reauth_at = self._last_success_at + reauth_interval(self._reauth_streak)
+        self._grant = dataclasses.replace(grant, expires_monotonic=min(now, grant.expires_monotonic))
+        logger.info(
+            "the stream refused session %s (401, %d in a row); creating the next one in %.1f s",
+            grant.session_id,
+            self._reauth_streak,
+            max(0.0, self._not_before() - now),
+        )
+        if self._inflight is None and now >= self._not_before():
+            self._start_refresh()
+        self._wake.set()
 
     async def _fresh_grant(self, now: float) -> SessionGrant:
         if self._stopped:
             raise SessionError("the session manager is stopped", code="stopped")
-        if self._inflight is None and self._retry_at is not None and now < self._retry_at:
-            raise self._repeat_last_error()
+        if self._inflight is None and now < self._not_before():
+            raise self._not_yet(now)
         return await self._join(self._start_refresh())
+
+    def _not_before(self) -> float:
+        """No session creation starts before this: the failure backoff, and the 401 rate limit."""
+        retry = -math.inf if self._retry_at is None else self._retry_at
+        return max(retry, self._reauth_at) if self._refused else retry
+
+    def _not_yet(self, now: float) -> SessionError:
+        if self._retry_at is not None:
+            return self._repeat_last_error()
+        wait = self._not_before() - now
+        return SessionUnavailable(
+            f"no valid session token: the stream refused the last one; the next is created in {wait:.1f} s",
+            code="reauth_backoff",
+        )
 
     def _repeat_last_error(self) -> SessionError:
         last = self._last_error
@@ -371,6 +435,7 @@ class SessionManager:
 
     def _record_success(self, grant: SessionGrant) -> None:
         self._grant = grant
+        self._refused = False
         self._last_success_at = self._clock.monotonic()
         self._retry_at = None
         self._last_error = None
@@ -401,10 +466,8 @@ class SessionManager:
 
     def _next_attempt_in(self, now: float) -> float:
         """Seconds until the rotator should refresh (≤ 0: now)."""
-        if self._retry_at is not None:
-            return self._retry_at - now
-        if self._grant is None:
-            return 0.0
+        if self._grant is None or self._retry_at is not None or self._refused:
+            return self._not_before() - now
         due = max(refresh_at(self._grant, self._margin), self._last_success_at + MIN_ROTATION_INTERVAL_S)
         return due - now
 

@@ -7,6 +7,7 @@ declaration of every variable: the README table and `ingestor run --help` are ge
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,6 +103,18 @@ def _url(name: str, raw: str) -> str:
     return value
 
 
+#: An identifier namespace: the characters of a Kafka cluster id, no `.` (it ends the namespace in an
+#: identifier), short enough that a derived identifier stays within 100 characters.
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
+
+
+def _namespace(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and _NAMESPACE.fullmatch(value) is None:
+        raise SettingsError(f"{name} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' and '-', got {raw!r}")
+    return value
+
+
 def _optional_int(lo: int) -> Callable[[str, str], int | None]:
     inner = _int_range(lo)
 
@@ -140,9 +153,19 @@ SETTINGS: tuple[Var, ...] = (
     Var(
         "INGESTOR_AUTO_OFFSET_RESET",
         "auto_offset_reset",
-        "earliest",
-        "Where a new consumer group starts: earliest or latest.",
-        _choice("earliest", "latest"),
+        "safe",
+        "Where a partition with no committed offset starts: safe (earliest, but refuse to start when it holds "
+        "records older than 23 hours, which would be billed again), earliest (bill its history) or latest "
+        "(skip it).",
+        _choice("safe", "earliest", "latest"),
+    ),
+    Var(
+        "INGESTOR_IDENTIFIER_NAMESPACE",
+        "identifier_namespace",
+        "",
+        "Namespace of derived identifiers (kafka-NAMESPACE.TOPIC-PARTITION-OFFSET), unique per Kafka cluster; "
+        "empty: the cluster id.",
+        _namespace,
     ),
     Var(
         "KAFKA_SECURITY_PROTOCOL",
@@ -263,6 +286,14 @@ SETTINGS: tuple[Var, ...] = (
         _int_range(100),
     ),
     Var(
+        "INGESTOR_MAX_PARTITION_AHEAD",
+        "max_partition_ahead",
+        "50000",
+        "Records a partition may run ahead of its oldest unfinished record before that partition alone is "
+        "paused (bounds what a restart would resend).",
+        _int_range(100),
+    ),
+    Var(
         "INGESTOR_FETCH_MAX_RECORDS",
         "fetch_max_records",
         "10000",
@@ -298,6 +329,14 @@ SETTINGS: tuple[Var, ...] = (
         "Dead-letter an event (retries_exhausted) once it has been retried this long; 0: retry transient "
         "failures forever (they alert instead).",
         _float_range(0.0),
+    ),
+    Var(
+        "INGESTOR_DLQ_TRANSACTIONAL",
+        "dlq_transactional",
+        "true",
+        "Write dead-letter records and commit the offsets past them in one Kafka transaction per partition "
+        "(exactly once for read_committed readers); false: an idempotent producer (at least once).",
+        _bool,
     ),
     # Offsets, shutdown, health
     Var(
@@ -372,6 +411,7 @@ class Settings:
     error_report_topic: str
     client_id: str
     auto_offset_reset: str
+    identifier_namespace: str
     security_protocol: str
     sasl_mechanism: str
     sasl_username: str
@@ -397,12 +437,14 @@ class Settings:
     linger_ms: int
     max_in_flight: int
     max_buffered_events: int
+    max_partition_ahead: int
     fetch_max_records: int
     max_record_bytes: int
     request_timeout_s: float
     retry_base_s: float
     retry_max_s: float
     retry_deadline_s: float
+    dlq_transactional: bool
     commit_interval_ms: int
     drain_timeout_s: float
     stuck_after_s: float

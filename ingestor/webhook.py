@@ -45,6 +45,9 @@ ERROR_REPORT_TYPES: Final = frozenset({ERROR_REPORT_TRIGGERED, NO_METER_FOUND})
 REASON: Final = "stripe_async_error"
 #: The `type` metric label when the event could not be read (bad signature, garbage body).
 UNKNOWN_TYPE: Final = "unknown"
+#: Most digits accepted in the signature's `t=` (unix seconds have 10 until the year 2286); a longer run
+#: is malformed, and is refused before `int()` (which refuses more than 4300 digits with a ValueError).
+MAX_TIMESTAMP_DIGITS: Final = 12
 #: Longest `ingestor.message` header written (as the dead-letter writer does).
 MAX_MESSAGE_CHARS: Final = 1000
 
@@ -120,9 +123,13 @@ def _parse_signature_header(header: str) -> tuple[int, list[str]]:
             timestamps.append(value)
         elif scheme == "v1":
             signatures.append(value)
-    if len(timestamps) != 1 or not timestamps[0].isascii() or not timestamps[0].isdigit():
+    if len(timestamps) != 1 or not _is_unix_seconds(timestamps[0]):
         raise SignatureError(f"malformed {SIGNATURE_HEADER} header: it needs exactly one t=<unix seconds>")
     return int(timestamps[0]), signatures
+
+
+def _is_unix_seconds(text: str) -> bool:
+    return 0 < len(text) <= MAX_TIMESTAMP_DIGITS and text.isascii() and text.isdigit()
 
 
 def _sign(payload: bytes, secret: str, timestamp: int) -> str:

@@ -9,6 +9,12 @@ getmany ─▶ Decoder ─▶ Batcher ─▶ queue ─▶ sender tasks (Delivery
 Lifecycle: `async with Worker(settings) as worker: await worker.run()`. `request_stop()` (SIGTERM)
 stops fetching; `run` then drains in-flight work within INGESTOR_DRAIN_TIMEOUT_S, commits what is
 done and returns. On revoke, the revoked partitions' work is drained and committed before release.
+
+Commits: partitions with dead-letter records waiting commit them with their offsets in one transaction
+per partition (`ingestor.transactions`, unless INGESTOR_DLQ_TRANSACTIONAL=false); the others commit
+through the consumer. Backpressure pauses every partition when INGESTOR_MAX_BUFFERED_EVENTS records are
+pending, and one partition alone when it runs INGESTOR_MAX_PARTITION_AHEAD records ahead of its oldest
+unfinished record (a record that cannot finish must not let its partition run on unbounded).
 """
 
 from __future__ import annotations
@@ -22,22 +28,27 @@ from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from ingestor import catalog as catalog_mod
+from ingestor import cluster, offset_reset
 from ingestor.batching import Batch, Batcher
 from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
 from ingestor.clock import SYSTEM_CLOCK, Clock
-from ingestor.deadletter import DeadLetterWriter
+from ingestor.deadletter import DEFAULT_TOPIC_MAX_BYTES, DeadLetterWriter, TopicLimit
 from ingestor.delivery import Delivery
 from ingestor.events import Decoder
 from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
+from ingestor.partition_health import PartitionWatch
 from ingestor.session import SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
+from ingestor.transactions import PartitionTransactions
 from ingestor.webhook import webhook_app
 
 if TYPE_CHECKING:
@@ -53,6 +64,9 @@ RESUME_FRACTION = 0.5
 CATALOG_RETRY_S = 5.0
 KAFKA_PROBE_INTERVAL_S = 5.0
 KAFKA_PROBE_TIMEOUT_S = 10.0
+#: The dead-letter producer never refuses a record on its own: the topic's limit is judged by the writer
+#: (it writes an oversized letter without its original) and by the broker.
+DLQ_PRODUCER_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -63,7 +77,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._worker.on_revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._worker.on_assigned(list(assigned))
+        await self._worker.on_assigned(list(assigned))
 
 
 class Worker:
@@ -81,7 +95,13 @@ class Worker:
             settings.effective_rps_budget, clock.monotonic(), BudgetPolicy(headroom=settings.budget_headroom)
         )
         self.gate = BudgetGate(self.budget, clock)
-        self.health = HealthState(stuck_after=settings.stuck_after_s, clock=clock.monotonic, lag=self.total_lag)
+        self.partition_watch = PartitionWatch()
+        self.health = HealthState(
+            stuck_after=settings.stuck_after_s,
+            clock=clock.monotonic,
+            lag=self.total_lag,
+            stalled_partition=self._stalled_partition,
+        )
         self.queue: asyncio.Queue[Batch] = asyncio.Queue()
         self.metrics_port = 0
         self.webhook_port = 0
@@ -91,6 +111,9 @@ class Worker:
         #: set once a revoke released chunks: queued batches may hold events that are no longer ours
         self._released_seen = False
         self._paused = False
+        #: partitions paused because they ran INGESTOR_MAX_PARTITION_AHEAD records ahead
+        self._held: set[TopicPartition] = set()
+        self._commit_lock = asyncio.Lock()
         self._first_offsets: dict[TopicPartition, int] = {}
         self._exit = contextlib.AsyncExitStack()
         self._http: aiohttp.ClientSession | None = None
@@ -98,6 +121,7 @@ class Worker:
         self.producer: Any = None
         self.sessions: SessionManager | None = None
         self.dead_letters: DeadLetterWriter | None = None
+        self.transactions: PartitionTransactions | None = None
         self.delivery: Delivery | None = None
         self._export_state()
 
@@ -134,17 +158,25 @@ class Worker:
         )
         await self._exit.enter_async_context(self.sessions)
         await self._load_catalog()
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=f"{s.client_id}-dlq",
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            **s.kafka_security(),
-        )
+        self.producer = self._make_producer(None)
         await self.producer.start()
         self._exit.push_async_callback(self.producer.stop)
-        self.dead_letters = DeadLetterWriter(self.producer, s.dlq_topic, self.tracker, self.metrics)
+        limit = TopicLimit(self._read_dlq_limit)
+        await limit.refresh()
+        self.dead_letters = DeadLetterWriter(
+            self.producer, s.dlq_topic, self.tracker, self.metrics, limit=limit, clock=self.clock
+        )
+        if s.dlq_transactional:
+            self.transactions = PartitionTransactions(
+                self._make_producer,
+                prefix=f"ingestor-dlq-{s.group_id}",
+                group_id=s.group_id,
+                letters=self.dead_letters,
+                tracker=self.tracker,
+                topic_partition=TopicPartition,
+                clock=self.clock,
+            )
+            self._exit.push_async_callback(self.transactions.stop)
         if s.webhook_port:
             await self._start_webhook()
         self.delivery = Delivery(
@@ -166,7 +198,7 @@ class Worker:
             group_id=s.group_id,
             client_id=s.client_id,
             enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset,
+            auto_offset_reset=offset_reset.client_policy(s.auto_offset_reset),
             isolation_level="read_committed",
             max_poll_interval_ms=max(300_000, int(s.drain_timeout_s * 2000)),
             **s.kafka_security(),
@@ -174,7 +206,39 @@ class Worker:
         await self.consumer.start()
         self._exit.push_async_callback(self.consumer.stop)
         await self._check_topics()
+        await self._prepare_partitions()
         self.consumer.subscribe(topics=list(s.topics), listener=_Rebalance(self))
+
+    def _make_producer(self, transactional_id: str | None) -> Any:
+        """The dead-letter (and webhook) producer: idempotent, acks=all; transactional when given an id."""
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=f"{s.client_id}-dlq",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_request_size=DLQ_PRODUCER_MAX_REQUEST_BYTES,
+            transactional_id=transactional_id,
+            **s.kafka_security(),
+        )
+
+    async def _read_dlq_limit(self) -> int:
+        """The dead-letter topic's max.message.bytes (its own setting or the broker's default)."""
+        s = self.settings
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, **s.kafka_security())
+        await admin.start()
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, s.dlq_topic, configs={"max.message.bytes": None})
+            responses = await admin.describe_configs([resource])
+        finally:
+            await admin.close()
+        for response in responses:
+            for _code, _message, _kind, _name, entries in response.resources:
+                for name, value, *_ in entries:
+                    if name == "max.message.bytes" and value:
+                        return int(value)
+        return DEFAULT_TOPIC_MAX_BYTES
 
     async def _start_webhook(self) -> None:
         """Stripe's error reports (webhooks) back to Kafka, on their own port: it faces Stripe, /metrics does not."""
@@ -203,6 +267,16 @@ class Worker:
         if missing:
             log.warning("source topics do not exist yet; waiting for them", extra={"topics": missing})
 
+    async def _prepare_partitions(self) -> None:
+        """Before joining the group: the identifier namespace (the cluster's) and the offset-reset policy."""
+        s = self.settings
+        info = await cluster.describe(s.kafka.client_options(), s.topics)
+        namespace = cluster.identifier_namespace(s.identifier_namespace, info.cluster_id)
+        self.decoder = Decoder(self.catalog, max_record_bytes=s.max_record_bytes, namespace=namespace)
+        log.info("identifier namespace", extra={"namespace": namespace, "cluster_id": info.cluster_id})
+        if s.auto_offset_reset == "safe":
+            await offset_reset.check_safe(self.consumer, s.group_id, info.partitions, self.clock.time())
+
     async def _load_catalog(self) -> None:
         s = self.settings
         if s.meter_catalog == "static":
@@ -223,7 +297,8 @@ class Worker:
     async def _fetch_catalog(self) -> catalog_mod.MeterCatalog:
         assert self._http is not None
         s = self.settings
-        return await catalog_mod.fetch_from_stripe(self._http, s.stripe_api_base, s.api_key, s.stripe_version)
+        http, base, key, version = self._http, s.stripe_api_base, s.api_key, s.stripe_version
+        return await catalog_mod.fetch_from_stripe(http, base, key, version, timeout=s.request_timeout_s)
 
     def request_stop(self) -> None:
         """Stop fetching; `run` drains and returns."""
@@ -251,7 +326,9 @@ class Worker:
     def _spawn_background(self) -> list[asyncio.Task[Any]]:
         assert self.dead_letters is not None
         coros = [self._sender(i) for i in range(self.settings.max_in_flight)]
-        coros += [self._linger_loop(), self._commit_loop(), self._kafka_probe_loop(), self.dead_letters.run()]
+        coros += [self._linger_loop(), self._commit_loop(), self._kafka_probe_loop()]
+        if self.transactions is None:
+            coros.append(self.dead_letters.run())
         if self.settings.meter_catalog == "stripe":
             coros.append(self._catalog_loop())
         tasks = [asyncio.create_task(c) for c in coros]
@@ -294,22 +371,48 @@ class Worker:
             self._first_offsets.setdefault(tp, records[0].offset)
             events, sources, rejected = self.decoder.decode(records, now_wall)
             for record, rejection in rejected:
-                submit(chunk, record, rejection, first_failure=now_wall, last_failure=now_wall)
+                identifier = self.decoder.identifier_of(record)
+                submit(chunk, record, rejection, identifier=identifier, first_failure=now_wall, last_failure=now_wall)
             for batch in batcher.add(chunk, events, sources, now):
                 queue.put_nowait(batch)
             self.metrics.events_consumed.labels(tp.topic).inc(len(records))
 
     def _backpressure(self) -> None:
+        """Pause everything above INGESTOR_MAX_BUFFERED_EVENTS pending records, and each partition that
+        ran INGESTOR_MAX_PARTITION_AHEAD records ahead of its oldest unfinished one; resume at half."""
         limit = self.settings.max_buffered_events
-        assignment = list(self.consumer.assignment())
         if not self._paused and self.tracker.pending >= limit:
-            self.consumer.pause(*assignment)
             self._paused = True
         elif self._paused and self.tracker.pending < limit * RESUME_FRACTION:
-            self.consumer.resume(*assignment)
             self._paused = False
-        elif self._paused:
-            self.consumer.pause(*assignment)  # partitions assigned while paused
+        assignment = self.consumer.assignment()
+        self._hold_partitions_ahead(assignment)
+        wanted = assignment if self._paused else self._held & assignment
+        now_paused = self.consumer.paused()
+        if wanted - now_paused:
+            self.consumer.pause(*(wanted - now_paused))
+        if now_paused - wanted:
+            self.consumer.resume(*(now_paused - wanted))
+
+    def _hold_partitions_ahead(self, assignment: set[TopicPartition]) -> None:
+        ahead, limit = self.tracker.ahead, self.settings.max_partition_ahead
+        held = self._held
+        held &= assignment
+        for tp in assignment:
+            n = ahead((tp.topic, tp.partition))  # type: ignore[arg-type]
+            if tp in held:
+                if n < limit * RESUME_FRACTION:
+                    held.discard(tp)
+            elif n >= limit:
+                held.add(tp)
+                log.warning(
+                    "partition ran ahead of its oldest unfinished record; pausing it",
+                    extra={
+                        "partition": f"{tp.topic}/{tp.partition}",
+                        "ahead": n,
+                        "commit": self.tracker.done_up_to(tp),
+                    },
+                )
 
     async def _sender(self, _: int) -> None:
         assert self.delivery is not None
@@ -349,9 +452,46 @@ class Worker:
             self._observe_health()
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit what is done: dead-letter records with their offsets first (transactions), then the
+        consumer's offsets of the other partitions. One commit at a time."""
+        wanted = None if only is None else set(only)
+        async with self._commit_lock:
+            if self.transactions is not None:
+                await self._commit_letters(wanted)
+            await self._commit_offsets(wanted)
+
+    async def _commit_letters(self, wanted: set[TopicPartition] | None) -> None:
+        """Each partition's waiting dead-letter records, with its offset, in one transaction."""
+        assert self.transactions is not None
+        assert self.dead_letters is not None
+        ready = {tp for tp in self.dead_letters.partitions() if self.transactions.ready(tp)}  # type: ignore[arg-type]
+        if wanted is not None:
+            ready &= wanted
+        by_partition: dict[Any, list[Any]] = {}
+        for letter in self.dead_letters.take(ready):
+            by_partition.setdefault(letter.chunk.tp, []).append(letter)
+        if not by_partition:
+            return
+        failed: list[Any] = [letter for group in by_partition.values() for letter in group]
+        try:
+            results = await asyncio.gather(
+                *(self.transactions.commit(tp, group) for tp, group in by_partition.items()), return_exceptions=True
+            )
+            failed, errors = [], []
+            for group, result in zip(by_partition.values(), results, strict=True):
+                if isinstance(result, BaseException):
+                    failed += group
+                    errors.append(result)
+                elif result is not None:
+                    self.metrics.commits.labels("ok").inc()
+                    self.health.progressed()
+        finally:
+            self.dead_letters.finish(failed)
+        self.dead_letters.report(failed, errors)
+
+    async def _commit_offsets(self, wanted: set[TopicPartition] | None) -> None:
         offsets = self.tracker.committable()
-        if only is not None:
-            wanted = set(only)
+        if wanted is not None:
             offsets = {tp: o for tp, o in offsets.items() if tp in wanted}
         if not offsets or self.consumer is None:
             return
@@ -385,6 +525,13 @@ class Worker:
         expiry = self.sessions.seconds_until_expiry(self.clock.monotonic()) if self.sessions else None
         health.stripe_ok = expiry is not None and expiry > 0
         health.stuck_for()  # notices lag appearing even when nobody probes
+        tracker = self.tracker
+        marks = {tp: (tracker.done_up_to(tp), tracker.in_flight(tp)) for tp in tracker.assigned()}
+        self.partition_watch.observe(marks, self.clock.monotonic())
+
+    def _stalled_partition(self) -> tuple[str, float] | None:
+        tp, seconds = self.partition_watch.worst(self.clock.monotonic())
+        return None if tp is None else (f"{tp.topic}/{tp.partition}", seconds)
 
     async def _drain(self, limit: float) -> None:
         """Send what is buffered and wait for everything in flight, up to `limit` seconds."""
@@ -419,23 +566,30 @@ class Worker:
             self.queue.put_nowait(batch)
         assert self.dead_letters is not None
 
+        transactional = self.transactions is not None
+
         def settled() -> bool:
             busy = any(chunk.tp in gone for b in self._inflight for chunk, _ in b.parts)
-            return not busy and not self.dead_letters.pending_for(gone)  # type: ignore[union-attr]
+            # transactional letters are written by the commit below, with the offsets
+            return not busy and (transactional or not self.dead_letters.pending_for(gone))  # type: ignore[union-attr]
 
         await self._wait_until(settled, self.settings.drain_timeout_s)
         await self._commit(revoked)
         for tp in revoked:
             self.tracker.revoke(tp)
             self._first_offsets.pop(tp, None)
+        if self.transactions is not None:
+            await self.transactions.release(revoked)
         self._released_seen = True
         self._revoking -= gone
         log.info("partitions revoked", extra={"partitions": [f"{tp.topic}/{tp.partition}" for tp in revoked]})
 
-    def on_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         self.metrics.rebalances.labels("assigned").inc()
-        for tp in assigned:
+        for tp in assigned:  # before any await: a poll may already return these partitions' records
             self.tracker.assign(tp)
+        if self.transactions is not None:
+            await self.transactions.assign(assigned)  # fences earlier owners of these partitions
         self.health.joined = True
         owned = len(self.consumer.assignment())
         total = sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.settings.topics)
@@ -504,6 +658,18 @@ class Worker:
             partition_labels,
         )
         m.export_state(
+            "ingestor_partition_stalled_seconds",
+            "Seconds the partition's commit has not moved while it had records pending.",
+            lambda: [((tp.topic, str(tp.partition)), s) for tp, s in self.partition_watch.stalled(now()).items()],
+            partition_labels,
+        )
+        m.export_state(
+            "ingestor_partition_ahead_records",
+            "Records consumed past the partition's oldest unfinished record.",
+            lambda: per_partition({TopicPartition(*tp): self.tracker.ahead(tp) for tp in self.tracker.assigned()}),
+            partition_labels,
+        )
+        m.export_state(
             "ingestor_committed_offset", "Last committed offset.", lambda: per_partition(committed()), partition_labels
         )
         m.export_state(
@@ -512,7 +678,7 @@ class Worker:
         m.export_state(
             "ingestor_partitions_paused",
             "Partitions paused for backpressure.",
-            lambda: one(len(self.tracker.assigned()) if self._paused else 0),
+            lambda: one(len(self.tracker.assigned()) if self._paused else len(self._held)),
         )
         m.export_state(
             "ingestor_buffered_events", "Records consumed and not yet done.", lambda: one(self.tracker.pending)

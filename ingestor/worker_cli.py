@@ -24,8 +24,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 async def run_worker(config: settings_mod.Settings) -> None:
+    from ingestor import kafka_preflight  # noqa: PLC0415 - keep `--help` fast
     from ingestor.worker import Worker  # noqa: PLC0415 - keep `--help` fast
 
+    # TLS and SASL refusals named by variable (exit 2) before aiokafka's clients retry them opaquely.
+    await kafka_preflight.check(config.kafka)
     tune_gc()  # after the imports, so that they are frozen too
 
     loop = asyncio.get_running_loop()

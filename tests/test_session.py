@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import socket
 import time
@@ -17,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingestor.session import (
+    REAUTH_MAX_INTERVAL_S,
     SESSION_PATH,
     Backoff,
     SessionAuthError,
@@ -29,6 +31,8 @@ from ingestor.session import (
     needs_refresh,
     parse_rfc3339,
     parse_session_response,
+    reauth_interval,
+    reauth_streak,
     refresh_at,
 )
 from tests.fakes import FakeClock, settle
@@ -287,6 +291,40 @@ async def test_create_session_malformed_json() -> None:
     assert caught.value.code == "malformed_response"
 
 
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [(301, {"Location": "/landing"}), (302, {"Location": "/landing"}), (307, {"Location": "/landing"}), (201, {})],
+)
+async def test_create_session_takes_only_a_200_and_follows_no_redirect(status: int, headers: dict[str, str]) -> None:
+    landed: list[str] = []
+
+    async def landing(request: web.Request) -> web.Response:  # would hand out a perfectly good session
+        landed.append(request.method)
+        return web.Response(body=session_body(), content_type="application/json")
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers=headers, body=session_body() if status < 300 else b"")
+
+    app = web.Application()
+    app.router.add_post(SESSION_PATH, handler)
+    app.router.add_route("*", "/landing", landing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(SessionUnavailable) as caught:
+                await create_session(http, f"http://{host}:{port}", API_KEY, "v", 5.0)
+    finally:
+        await runner.cleanup()
+    assert caught.value.code == "unexpected_answer"
+    assert caught.value.retriable
+    assert landed == []
+    assert TOKEN not in str(caught.value)
+
+
 async def test_create_session_timeout() -> None:
     async def handler(request: web.Request) -> web.Response:
         await asyncio.sleep(0.5)
@@ -526,19 +564,107 @@ async def test_first_session_failing_reaches_every_waiter_then_backs_off() -> No
         assert await manager.token() == "tok_1"
 
 
-async def test_invalidate_during_backoff_after_expiry_raises() -> None:
+async def test_a_401_while_creation_fails_never_raises_and_the_refused_token_is_never_reused() -> None:
     clock = FakeClock()
     create = FakeCreate(clock, ttl=900.0)
     async with manager_for(create, clock) as manager:
         old = await manager.token()
         create.errors = [unavailable()]
-        with pytest.raises(SessionUnavailable):
-            await manager.invalidate(old)
-        with pytest.raises(SessionUnavailable):  # the refused token is never handed out again
+        await manager.invalidate(old)  # the creation it starts fails: the caller is not told
+        await settle()
+        assert create.calls == 2
+        with pytest.raises(SessionUnavailable) as caught:  # the refused token is never handed out again
             await manager.token()
+        assert caught.value.retriable
+        await manager.invalidate(old)  # again while creation is backing off: still nothing raised
         assert create.calls == 2
         await clock.advance(0.1)  # the rotator retries after the backoff
         assert await manager.token() == "tok_2"
+
+
+async def test_a_401_storm_during_a_creation_outage_waits_for_recovery() -> None:
+    clock = FakeClock()
+    create = FakeCreate(clock, ttl=900.0)
+    async with manager_for(create, clock) as manager:
+        old = await manager.token()
+        create.always = unavailable()
+        await asyncio.gather(*(manager.invalidate(old) for _ in range(50)))
+        for _ in range(100):  # 10 s of failing creations, 401s and token calls all along
+            await clock.advance(0.1)
+            await asyncio.gather(*(manager.invalidate(old) for _ in range(5)))
+            with pytest.raises(SessionUnavailable):
+                await manager.token()
+        failed = create.calls
+        create.always = None
+        await clock.advance(10.0)  # the backoff is capped at 10 s
+        assert await manager.token() == "tok_2"
+    assert failed <= 1 + 10  # one creation per backoff step, never one per 401
+    assert manager.rotations_total == 2
+
+
+def test_reauth_interval_grows_with_refusals_in_a_row_and_resets_after_a_token_served() -> None:
+    assert [reauth_interval(n) for n in range(1, 8)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert reauth_interval(10_000) == REAUTH_MAX_INTERVAL_S
+    assert reauth_streak(0, 0.0) == 1
+    assert reauth_streak(5, 0.5) == 6
+    assert reauth_streak(5, REAUTH_MAX_INTERVAL_S) == 1
+
+
+class ConcurrencyProbe(FakeCreate):
+    """A `FakeCreate` whose creations take 0.05 s of fake time, recording how many overlap."""
+
+    def __init__(self, clock: FakeClock, ttl: float = 900.0) -> None:
+        super().__init__(clock, ttl)
+        self.active = 0
+        self.max_active = 0
+        self.started_at: list[float] = []
+
+    async def __call__(self) -> SessionGrant:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.started_at.append(self.clock.now)
+        try:
+            await self.clock.sleep(0.05)
+            return await super().__call__()
+        finally:
+            self.active -= 1
+
+
+async def test_fifty_senders_refused_on_every_token_create_sessions_single_flight_and_rate_limited() -> None:
+    clock = FakeClock()
+    create = ConcurrencyProbe(clock)
+    async with manager_for(create, clock) as manager:
+
+        async def sender() -> None:  # every token it gets is refused (401), then it asks again
+            for _ in range(10_000):
+                try:
+                    await manager.invalidate(await manager.token())
+                except SessionUnavailable:
+                    await clock.sleep(0.5)
+
+        senders = [asyncio.create_task(sender()) for _ in range(50)]
+        for _ in range(60):  # 30 s
+            await clock.advance(0.5)
+        assert not any(task.done() for task in senders)
+        for task in senders:
+            task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+    assert create.max_active == 1
+    gaps = [b - a for a, b in itertools.pairwise(create.started_at)]
+    # created at 0 and at once after the first 401, then 1, 2, 4, 8 s after the previous one
+    assert len(create.started_at) <= 6, create.started_at
+    assert all(gap >= 0.9 for gap in gaps[1:]), gaps
+
+
+async def test_a_token_that_served_long_enough_is_replaced_at_once_after_a_401() -> None:
+    clock = FakeClock()
+    create = FakeCreate(clock, ttl=900.0)
+    async with manager_for(create, clock) as manager:
+        for n in range(1, 4):
+            await clock.advance(REAUTH_MAX_INTERVAL_S)
+            await manager.invalidate(await manager.token())
+            assert await manager.token() == f"tok_{n + 1}"  # no wait: a new streak each time
+        assert create.calls == 4
 
 
 async def test_unexpected_exception_from_create_is_retriable() -> None:

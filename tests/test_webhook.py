@@ -122,6 +122,23 @@ def _sdk_accepts(payload: bytes, header: str, secret: str) -> bool:
     return True
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.text(max_size=300)
+    | st.integers(min_value=0, max_value=6000).map(lambda n: f"t={'9' * n},v1={'0' * 64}")
+    | st.builds(lambda t, v: f"t={t},v1={v}", st.text(max_size=30), st.text(max_size=70)),
+    payload=st.binary(max_size=100),
+)
+def test_any_signature_header_is_verified_or_refused_with_a_signature_error(header: str, payload: bytes) -> None:
+    with contextlib.suppress(SignatureError):
+        verify_signature(payload, header, SECRET, tolerance=TOLERANCE, now=NOW)
+
+
+def test_a_timestamp_of_thousands_of_digits_is_malformed() -> None:
+    with pytest.raises(SignatureError, match="malformed"):
+        verify_signature(b"{}", f"t={'9' * 5000},v1={'0' * 64}", SECRET, tolerance=TOLERANCE, now=NOW)
+
+
 def _we_accept(payload: bytes, header: str, secret: str) -> bool:
     try:
         verify_signature(payload, header, secret, tolerance=TOLERANCE, now=time.time())

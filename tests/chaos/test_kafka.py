@@ -19,7 +19,7 @@ from tests.chaos.accounting import wait_settled
 from tests.chaos.profile import CURRENT
 from tests.chaos.run import chaos_run
 from tests.chaos.workload import CUSTOMERS
-from tests.integration.harness import RestartableKafka, StripeApi, wait_for
+from tests.integration.harness import RestartableKafka, StripeApi, cluster_id, wait_for
 from tests.integration.test_dead_letters import Sent
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos, pytest.mark.timeout(CURRENT.timeout(300))]
@@ -121,8 +121,9 @@ async def test_dlq_replay_run_twice_bills_once(kafka_bootstrap, tmp_path, chaos_
         ledger.formulas["late"] = "sum"
         # The worker re-reads the meter catalog every second: wait until it did, twice.
         await wait_for(lambda: _more(run.api, catalog_reads + 2), 30, "the worker to re-read the meter catalog")
+        namespace = await cluster_id(kafka_bootstrap)
         for record in late:  # each replayed event keeps its identifier: given, or derived from where it was
-            derived = identifier_prefix(ledger.topic, record.partition) + str(record.offset)
+            derived = identifier_prefix(ledger.topic, record.partition, namespace) + str(record.offset)
             ledger.billed.append(replace(record, reason=None, identifier=record.identifier or derived))
         outputs = [await replay_dlq(kafka_bootstrap, ledger.dlq, ledger.topic) for _ in range(2)]
         print("\n".join(outputs))

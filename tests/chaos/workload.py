@@ -1,7 +1,7 @@
 """What a chaos run produces: valid events over several meters and customers with the corpus of bad
 records mixed in at random places, and the ledger of what must become of each record.
 
-Valid events have an explicit `identifier` or none (then the worker derives `kafka-<topic>-<p>-<o>`),
+Valid events have an explicit `identifier` or none (then the worker derives `kafka-<cluster id>.<topic>-<p>-<o>`),
 a `timestamp` field or none (then the record's own time counts). Every bad record of `tests/corpus.py`
 plus an unknown and a deactivated meter's events are mixed in; each carries its expected reason.
 """
@@ -18,6 +18,7 @@ import orjson
 
 from ingestor.events import identifier_prefix
 from tests.corpus import BAD_RECORDS, event_bytes
+from tests.integration.harness import cluster_id
 from tests.integration.test_dead_letters import Sent, produce_records
 
 if TYPE_CHECKING:
@@ -134,10 +135,11 @@ def mix(rng: random.Random, valid: list[Sent], bad: list[Sent]) -> list[Sent]:
 async def produce_into(bootstrap: str, ledger: Ledger, records: list[Sent]) -> None:
     """Produce `records` (in order per partition), fill their offsets and derived identifiers, book them."""
     await produce_records(bootstrap, ledger.topic, records)
+    namespace = await cluster_id(bootstrap)  # the workers' default namespace of derived identifiers
     for record in records:
         if record.reason is not None:
             ledger.dead.append(record)
             continue
         if not record.identifier:
-            record.identifier = identifier_prefix(ledger.topic, record.partition) + str(record.offset)
+            record.identifier = identifier_prefix(ledger.topic, record.partition, namespace) + str(record.offset)
         ledger.billed.append(record)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Self
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from ingestor import devkafka
@@ -89,8 +90,19 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: s
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def cluster_id(bootstrap: str) -> str:
+    """The cluster's id, as the broker reports it (the default namespace of derived identifiers)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return str((await admin.describe_cluster())["cluster_id"])
+    finally:
+        await admin.close()
+
+
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    """The last stable offsets (read_committed): transactional writes in progress are not counted in."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -103,19 +115,15 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
-async def read_topic(
-    bootstrap: str, topic: str, timeout: float = 10.0, *, isolation_level: str = "read_uncommitted"
-) -> list[Any]:
-    """Every record currently in `topic` (reads up to the end offsets taken at the start).
-
-    With `isolation_level="read_committed"`, what a transactional reader sees: no aborted record.
-    """
+async def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
+    """Every committed record currently in `topic`, as a `read_committed` reader sees them (reads up to the
+    end offsets taken at the start; aborted transactional writes and transaction markers are not records)."""
     ends = await end_offsets(bootstrap, topic)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        isolation_level=isolation_level,
+        isolation_level="read_committed",
     )
     await consumer.start()
     out: list[Any] = []

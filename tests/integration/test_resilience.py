@@ -64,6 +64,44 @@ async def test_tokens_rotate_before_expiry_and_a_revoked_session_is_recovered(ka
     assert stats["events_accepted"] == stats["unique_identifiers"] == len(values)
 
 
+SESSIONS = "/v2/billing/meter_event_session"
+
+
+def session_attempts(stats: dict) -> int:
+    return sum(int(n) for n in stats["requests"].get(SESSIONS, {}).values())
+
+
+async def test_401s_while_session_creation_fails_keep_the_worker_running_and_bill_once(kafka_bootstrap, topic_factory):
+    topic = await topic_factory(3, "reauth")
+    values, totals = usage(6_000, seed=13)
+    async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
+        api = StripeApi(emu.url)
+        meter_ids = await create_meters(api)
+        env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_DRAIN_TIMEOUT_S="2")
+        async with running_worker(env) as worker:
+            await produce(kafka_bootstrap, topic, values[:2_000])
+            await wait_for(lambda: accepted_at_least(api, 2_000), 60, "the first events accepted")
+            # Session creation (and every other call) fails 95% of the time, and the live session is
+            # revoked: the 5% of stream requests that get through are answered 401.
+            await api.set_faults(error_no_header=0.95, scope="all")
+            await api.revoke_sessions()
+            before = await api.stats()
+            await produce(kafka_bootstrap, topic, values[2_000:])
+            await asyncio.sleep(8)  # four times the drain deadline: a dead sender would have stopped it
+            during = await api.stats()
+            assert worker.health.running, "the worker stopped during the outage"
+            await api.set_faults(replace=True)
+            await wait_for(lambda: accepted_at_least(api, len(values)), 60, "every event accepted after recovery")
+            await assert_committed_to_end(kafka_bootstrap, env["INGESTOR_GROUP_ID"], topic)
+            assert worker.health.running
+        stats = await api.stats()
+        await assert_totals(api, meter_ids, totals)
+    assert stream_status(during, 401) > stream_status(before, 401)  # the outage did produce 401s
+    # Creations followed the session backoff, not the 401s (one attempt per refusal would be hundreds).
+    assert session_attempts(during) - session_attempts(before) <= 30
+    assert stats["events_accepted"] == stats["unique_identifiers"] == len(values)
+
+
 async def test_budget_of_200_requests_per_second_is_respected_and_used(kafka_bootstrap, topic_factory):
     topic = await topic_factory(4, "budget")
     values, _ = usage(16_000, seed=5)

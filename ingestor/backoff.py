@@ -1,0 +1,18 @@
+"""Exponential backoff with full jitter, the one formula every retry loop uses.
+
+`delay(failures, base, cap, rand)` is uniform in [0, min(cap, base·2^(failures-1))) for ``rand`` in
+[0, 1). The exponent is clamped, so a loop that has failed for days never overflows a float.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: 2**60 times any sane base is far above any cap; clamping here keeps the arithmetic finite.
+_MAX_EXPONENT: Final = 60
+
+
+def delay(failures: int, base: float, cap: float, rand: float) -> float:
+    """Seconds to wait after ``failures`` (≥ 1) consecutive failures; ``rand`` in [0, 1)."""
+    exponent = min(max(0, failures - 1), _MAX_EXPONENT)
+    return rand * min(cap, base * 2.0**exponent)
