@@ -9,7 +9,7 @@ LOCKS := requirements/build.lock requirements/dev.lock
 # Installs refuse any file whose sha256 is not in the lock (see scripts/lock.sh).
 PIP_LOCKED := $(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps
 
-.PHONY: setup lock lock-upgrade demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator bench-dlq clean
+.PHONY: setup lock lock-upgrade demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator bench-dlq soak clean
 
 ## A virtualenv with exactly the locked versions (requirements/dev.lock), then the project itself, editable.
 $(STAMP): pyproject.toml $(LOCKS)
@@ -65,6 +65,11 @@ bench: kafka-fetch
 ## Exactly-once dead letters (INGESTOR_DLQ_TRANSACTIONAL=true) against at-least-once, 1 % and 10 % invalid.
 bench-dlq: kafka-fetch
 	$(BIN)/python bench/dlq_cost.py --invalid-fraction 0.01 --invalid-fraction 0.1 --repeat 2
+
+## Not in CI: ~30 minutes at half capacity with faults cycling, the worker's RSS over time, the accounting.
+SOAK_MINUTES ?= 30
+soak: kafka-fetch
+	$(BIN)/python -m tests.chaos.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -8,6 +8,10 @@ response), slow response (events counted, then the answer is held back `slow_res
 (`latency_s` plus uniform `[0, latency_jitter_s]`) is added to every faulted-scope request on top.
 The random generator is re-seeded from the seed whenever the faults are set, so a test that sets
 faults and then sends N requests sees the same outcomes on every run.
+
+`scope` says which requests are faulted: `stream` (the meter event stream), `all` (every Stripe
+endpoint), or `session` (session creation only: stream requests with a valid token still succeed
+while no new token can be had, e.g. to fail rotations, or recoveries after a revocation).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-Scope = Literal["stream", "all"]
+Scope = Literal["stream", "all", "session"]
 
 
 class Outcome(Enum):
@@ -76,8 +80,8 @@ class Faults:
                 raise ValueError(f"faults.{name} must be within [0, 1], got {value}")
         if sum(getattr(self, name) for name in _BANDS) > 1.0 + 1e-9:
             raise ValueError("faults: the outcome fractions add up to more than 1")
-        if self.scope not in ("stream", "all"):
-            raise ValueError(f"faults.scope must be 'stream' or 'all', got {self.scope!r}")
+        if self.scope not in ("stream", "all", "session"):
+            raise ValueError(f"faults.scope must be 'stream', 'all' or 'session', got {self.scope!r}")
         if not 500 <= self.error_status <= 599:
             raise ValueError(f"faults.error_status must be a 5xx status, got {self.error_status}")
         for name in ("slow_response_s", "latency_s", "latency_jitter_s"):
@@ -146,11 +150,14 @@ class FaultPlanner:
         self._rng = random.Random(self._seed)  # noqa: S311 - reproducible faults, not cryptography
         self._injected = 0
 
-    def applies(self, is_stream: bool) -> bool:
-        return is_stream or self.faults.scope == "all"
+    def applies(self, is_stream: bool, is_session: bool = False) -> bool:
+        scope = self.faults.scope
+        if scope == "session":
+            return is_session
+        return is_stream or scope == "all"
 
-    def decide(self, is_stream: bool) -> Decision:
-        if not self.active or not self.applies(is_stream):
+    def decide(self, is_stream: bool, is_session: bool = False) -> Decision:
+        if not self.active or not self.applies(is_stream, is_session):
             return NO_DECISION
         faults = self.faults
         latency = faults.latency_s

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 STREAM_PATH = "/v2/billing/meter_event_stream"
+SESSION_PATH = "/v2/billing/meter_event_session"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +29,12 @@ class Route:
     control: bool = False
     #: the handler serves injected latency itself (while holding its in-flight marker)
     latency_inside: bool = False
+    #: session creation (the only route faults with scope `session` apply to)
+    is_session: bool = False
 
 
 def _table() -> dict[tuple[str, str], Route]:
     plain = {
-        ("POST", "/v2/billing/meter_event_session"): api_stream.create_session,
         ("POST", "/v2/billing/meter_event_adjustments"): api_events.create_adjustment,
         ("POST", "/v1/billing/meter_events"): api_events.create_v1_event,
         ("POST", "/v1/billing/meters"): api_meters.create_meter,
@@ -52,6 +54,7 @@ def _table() -> dict[tuple[str, str], Route]:
     table = {key: Route(key[1], handler) for key, handler in plain.items()}
     table |= {key: Route(key[1], handler, control=True) for key, handler in control.items()}
     table["POST", STREAM_PATH] = Route(STREAM_PATH, api_stream.stream, is_stream=True)
+    table["POST", SESSION_PATH] = Route(SESSION_PATH, api_stream.create_session, is_session=True)
     table["POST", "/v2/billing/meter_events"] = Route(
         "/v2/billing/meter_events", api_events.create_v2_event, latency_inside=True
     )

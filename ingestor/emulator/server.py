@@ -195,7 +195,7 @@ class Emulator:
             self.state.stats.stream_window.add(self._clock())
         if not route.control and self._planner.faults.refuse_connections:
             return self._abort(request)
-        decision = NO_DECISION if route.control else self._planner.decide(route.is_stream)
+        decision = NO_DECISION if route.control else self._planner.decide(route.is_stream, route.is_session)
         try:
             response = await self._run(route, Call(request, params, decision.latency_s), decision)
         except ApiError as error:

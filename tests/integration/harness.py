@@ -1,15 +1,17 @@
-"""Helpers for end-to-end tests: a worker in-process or as a subprocess, the emulator's HTTP API."""
+"""Helpers for end-to-end tests: a worker in-process or as subprocesses, the emulator's HTTP API, a
+broker that can be stopped and started again on its data directory."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 import orjson
@@ -17,13 +19,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from ingestor import devkafka
 from ingestor import settings as settings_mod
-from ingestor.devkafka import create_topic
+from ingestor.devkafka import LocalKafka, create_topic
 from ingestor.worker import Worker
 
 if TYPE_CHECKING:
-    import signal
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
 API_KEY = "sk_test_ingestorIntegration0000000000"
 
@@ -218,3 +221,110 @@ def stop_process(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: fl
         proc.kill()
         proc.wait(timeout=10)
         raise
+
+
+class WorkerFleet:
+    """`ingestor run` processes of one consumer group, started, killed and stopped by a test.
+
+    Every process stopped with SIGTERM has its exit code kept in `exit_codes`; one that exited by
+    itself (a crash) is reported by `crashed()`. On leaving, whatever still runs is killed.
+    """
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.running: list[subprocess.Popen[bytes]] = []
+        self.exit_codes: list[int] = []
+        self.killed = 0
+        self._started = 0
+        self._crashes: list[tuple[str, int]] = []
+
+    def start(self, **overrides: str) -> subprocess.Popen[bytes]:
+        self._started += 1
+        proc = start_worker_process({**self.env, **overrides}, str(self.log_path(self._started)))
+        self.running.append(proc)
+        return proc
+
+    def log_path(self, n: int) -> Path:
+        return self.log_dir / f"worker-{n}.log"
+
+    async def kill(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """SIGKILL one worker (the oldest by default) and reap it."""
+        proc = proc or self.running[0]
+        self.running.remove(proc)
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        self.killed += 1
+
+    async def stop(self, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> int:
+        """SIGTERM one worker (the oldest by default); its exit code is kept (a hang is killed, code -9)."""
+        proc = proc or self.running[0]
+        self.running.remove(proc)
+        if proc.poll() is not None:
+            self._crashes.append((f"pid {proc.pid}", proc.returncode))
+            return proc.returncode
+        try:
+            code = await asyncio.to_thread(stop_process, proc, signal.SIGTERM, timeout)
+        except subprocess.TimeoutExpired:
+            code = -signal.SIGKILL
+        self.exit_codes.append(code)
+        return code
+
+    async def stop_all(self, timeout: float = 60) -> list[int]:
+        return list(await asyncio.gather(*(self.stop(proc, timeout) for proc in list(self.running))))
+
+    def alive(self) -> int:
+        return sum(1 for proc in self.running if proc.poll() is None)
+
+    def crashed(self) -> list[tuple[str, int]]:
+        """Workers that exited without being asked to (pid, exit code), including those already stopped."""
+        gone = [(f"pid {proc.pid}", proc.returncode) for proc in self.running if proc.poll() is not None]
+        return self._crashes + gone
+
+    def log_tail(self, lines: int = 8) -> str:
+        """The last lines of every worker's log, for a failure message."""
+        out = []
+        for n in range(1, self._started + 1):
+            path = self.log_path(n)
+            if path.is_file():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- worker-{n}.log\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+        self.running.clear()
+
+
+class RestartableKafka(LocalKafka):
+    """A broker of its own that a test stops and starts again on the same ports and data directory."""
+
+    async def halt(self) -> None:
+        """Stop the broker process (SIGTERM, a clean shutdown); its data directory stays."""
+        process, self._process = self._process, None
+        if self._watchdog is not None:
+            self._watchdog.release()
+            self._watchdog = None
+        if process is not None:
+            await asyncio.to_thread(devkafka._terminate, process, devkafka.STOP_TIMEOUT_S)
+
+    async def resume(self, ready_within: float = devkafka.START_TIMEOUT_S) -> None:
+        """Start the same broker again (same `server.properties`, so the same ports and log directory)."""
+        await asyncio.to_thread(self._relaunch)
+        await self._wait_ready(time.monotonic() + ready_within)
+
+    def _relaunch(self) -> None:
+        libs = devkafka.fetch(self.version)
+        properties = self.data_dir / "server.properties"
+        command = [*self._java_command(libs, devkafka.BROKER_JVM_OPTS), "kafka.Kafka", str(properties)]
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._watchdog = devkafka._Watchdog(self._process.pid, self._data_dir)
