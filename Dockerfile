@@ -26,6 +26,8 @@ RUN pip install --require-hashes --no-deps --requirement requirements/build.lock
 # Then the source: only the project's own wheel is rebuilt when it changes (with the locked setuptools).
 COPY pyproject.toml README.md ./
 COPY ingestor ./ingestor
+# The runtime alone: the development tools (ingestor_dev/: emulator, local Kafka, demo) are neither in the
+# build context (.dockerignore) nor in the wheel (pyproject.toml excludes them).
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels/app .
 
 # ---- runtime: the same Python, the wheels installed, no compilers, no build files ----------------

@@ -11,13 +11,16 @@ PIP_LOCKED := $(BIN)/python -m pip install -q --disable-pip-version-check --requ
 
 .PHONY: setup lock lock-upgrade demo test lint typecheck unit kafka-fetch kafka-up kafka-down bench bench-emulator bench-dlq soak clean
 
-## A virtualenv with exactly the locked versions (requirements/dev.lock), then the project itself, editable.
+## A virtualenv with exactly the locked versions (requirements/dev.lock), then the project itself, editable,
+## and the development tools (ingestor_dev/) beside it.
 $(STAMP): pyproject.toml $(LOCKS)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_LOCKED) -r requirements/build.lock
 	$(PIP_LOCKED) -r requirements/dev.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# The development tools (ingestor_dev/) are not in the distribution: the repository root on the path finds them.
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/ingestor-dev.pth"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -45,8 +48,8 @@ demo: kafka-fetch
 	$(BIN)/ingestor demo
 
 lint: setup
-	$(BIN)/ruff check ingestor tests bench scripts
-	$(BIN)/ruff format --check ingestor tests bench scripts
+	$(BIN)/ruff check ingestor ingestor_dev tests bench scripts
+	$(BIN)/ruff format --check ingestor ingestor_dev tests bench scripts
 
 typecheck: setup
 	$(BIN)/mypy

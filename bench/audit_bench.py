@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline_bench import CUSTOMERS, EVENT_NAME, realistic_events
 
-from ingestor import devkafka
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev import devkafka
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 
 API_KEY = "sk_test_auditBench000000000000"
 

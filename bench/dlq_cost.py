@@ -63,7 +63,7 @@ from pipeline_bench import (  # noqa: E402
 )
 
 from ingestor import dlq_format  # noqa: E402
-from ingestor.devkafka import LocalKafka, committed_offsets, create_topic, free_port, produce  # noqa: E402
+from ingestor_dev.devkafka import LocalKafka, committed_offsets, create_topic, free_port, produce  # noqa: E402
 
 CUSTOMERS = 1000
 #: The reader of the dead-letter topic stops once it has seen nothing new for this long after the run.

@@ -60,7 +60,7 @@ from aiokafka import AIOKafkaProducer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ingestor.devkafka import LocalKafka, committed_offsets, create_topic, free_port, produce  # noqa: E402
+from ingestor_dev.devkafka import LocalKafka, committed_offsets, create_topic, free_port, produce  # noqa: E402
 
 API_KEY = "sk_live_benchNotReal000000000000"
 EVENT_NAME = "bench_api_call"

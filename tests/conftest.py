@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ingestor.devkafka import LocalKafka, create_topic
+from ingestor_dev.devkafka import LocalKafka, create_topic
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator

@@ -14,8 +14,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingestor import cli, devkafka, kafka_preflight, settings
-from ingestor.devkafka import (
+from ingestor import cli, kafka_preflight, settings
+from ingestor_dev import devkafka
+from ingestor_dev.devkafka import (
     COMPLETE_MARKER,
     KAFKA_VERSION,
     BrokerState,
@@ -205,7 +206,7 @@ def test_cli_up_status_down(
 def test_a_broker_does_not_outlive_its_killed_owner(tmp_path: Path) -> None:
     owner_code = (
         "import sys, time\n"
-        "from ingestor.devkafka import LocalKafka\n"
+        "from ingestor_dev.devkafka import LocalKafka\n"
         "broker = LocalKafka()\n"
         "broker.start()\n"
         "print(broker.pid, broker.data_dir, flush=True)\n"

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ingestor import kafka_preflight
-from ingestor.devkafka import TlsMaterial
 from ingestor.settings import KafkaConnection, SettingsError
+from ingestor_dev.devkafka import TlsMaterial
 
 if TYPE_CHECKING:
     from pathlib import Path

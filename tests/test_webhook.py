@@ -482,7 +482,7 @@ async def _stripe(http: Any, base: str, method: str, path: str, token: str = API
 async def test_emulator_webhooks_arrive_at_the_sender() -> None:
     import aiohttp  # noqa: PLC0415 - only this test is an HTTP client
 
-    from ingestor.emulator import Emulator, EmulatorConfig  # noqa: PLC0415 - the emulator is a test peer
+    from ingestor_dev.emulator import Emulator, EmulatorConfig  # noqa: PLC0415 - the emulator is a test peer
 
     sender, metrics = RecordingSender(), Metrics()
     app = webhook_app(secret=SECRET, tolerance=TOLERANCE, sender=sender, topic=TOPIC, metrics=metrics)

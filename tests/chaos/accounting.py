@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ingestor import dlq_format
-from ingestor.devkafka import committed_offsets
+from ingestor_dev.devkafka import committed_offsets
 from tests.integration.harness import StripeApi, end_offsets, read_topic
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ingestor.devkafka import create_topic
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import create_topic
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.chaos.accounting import assert_identity, wait_settled
 from tests.chaos.workload import Ledger, bad_records, create_meters, mix, produce_into, valid_records
 from tests.integration.harness import StripeApi, WorkerFleet, worker_env

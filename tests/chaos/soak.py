@@ -31,8 +31,8 @@ from typing import Any
 
 import orjson
 
-from ingestor.devkafka import LocalKafka, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import LocalKafka, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.chaos.accounting import assert_identity, wait_settled
 from tests.chaos.profile import Profile
 from tests.chaos.run import new_topics

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from ingestor import dlq_format
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.chaos.accounting import assert_identity
 from tests.chaos.run import new_topics
 from tests.chaos.workload import Ledger, bad_records, create_meters, mix, produce_into, valid_records

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 
-from ingestor.emulator import EmulatorConfig
+from ingestor_dev.emulator import EmulatorConfig
 from tests.chaos.profile import CURRENT
 from tests.chaos.run import ChaosRun, chaos_run
 

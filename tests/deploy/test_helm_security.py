@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from ingestor import kafka_preflight, settings
-from ingestor.devkafka import TlsMaterial
+from ingestor_dev.devkafka import TlsMaterial
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "ingestor"

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from ingestor.emulator import Emulator, EmulatorConfig
-from ingestor.emulator.timefmt import format_rfc3339
+from ingestor_dev.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator.timefmt import format_rfc3339
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

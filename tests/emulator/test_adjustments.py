@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.emulator.conftest import Api, FakeClock, event
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

@@ -8,7 +8,7 @@ import logging
 import aiohttp
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.emulator.conftest import STREAM, Api, event, stamp
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -117,7 +117,7 @@ async def test_unexpected_exceptions_become_api_errors_without_traceback(api: Ap
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(api.emu.state, "stats_json", explode)
-    with caplog.at_level(logging.ERROR, logger="ingestor.emulator.server"):
+    with caplog.at_level(logging.ERROR, logger="ingestor_dev.emulator.server"):
         status, body, _ = await api.call("GET", "/_emulator/stats", key=None)
     assert status == 500
     assert body == {"error": {"type": "api_error", "message": "An unknown error occurred."}}

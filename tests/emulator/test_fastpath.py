@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig, fastpath
+from ingestor_dev.emulator import Emulator, EmulatorConfig, fastpath
 from tests.emulator.conftest import LIVE_KEY, STREAM, TEST_KEY, Api, FakeClock, event
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig, Faults
+from ingestor_dev.emulator import Emulator, EmulatorConfig, Faults
 from tests.emulator.conftest import Api, event
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

@@ -12,20 +12,20 @@ import stripe
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestor.emulator.aggregation import Query, check_range, latest_per_window, summarize
-from ingestor.emulator.auth import check_key, credential
-from ingestor.emulator.errors import ApiError
-from ingestor.emulator.faults import FaultPlanner, Faults, Outcome, faults_from_json
-from ingestor.emulator.forms import parse_form
-from ingestor.emulator.lists import paginate
-from ingestor.emulator.meters import Meter
-from ingestor.emulator.reports import Failure, build_reports, webhook_event
-from ingestor.emulator.signature import signature_header
-from ingestor.emulator.stats import latency_percentiles
-from ingestor.emulator.stream_body import parse_stream_body
-from ingestor.emulator.timefmt import TimestampError, format_rfc3339, parse_rfc3339
-from ingestor.emulator.validation import check_value, decode_columns, decode_values
-from ingestor.emulator.windows import FixedWindowLimiter, SlidingWindowMax, max_in_window
+from ingestor_dev.emulator.aggregation import Query, check_range, latest_per_window, summarize
+from ingestor_dev.emulator.auth import check_key, credential
+from ingestor_dev.emulator.errors import ApiError
+from ingestor_dev.emulator.faults import FaultPlanner, Faults, Outcome, faults_from_json
+from ingestor_dev.emulator.forms import parse_form
+from ingestor_dev.emulator.lists import paginate
+from ingestor_dev.emulator.meters import Meter
+from ingestor_dev.emulator.reports import Failure, build_reports, webhook_event
+from ingestor_dev.emulator.signature import signature_header
+from ingestor_dev.emulator.stats import latency_percentiles
+from ingestor_dev.emulator.stream_body import parse_stream_body
+from ingestor_dev.emulator.timefmt import TimestampError, format_rfc3339, parse_rfc3339
+from ingestor_dev.emulator.validation import check_value, decode_columns, decode_values
+from ingestor_dev.emulator.windows import FixedWindowLimiter, SlidingWindowMax, max_in_window
 
 H = 3600
 D = 86400

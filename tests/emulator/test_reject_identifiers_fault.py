@@ -6,8 +6,8 @@ import aiohttp
 import orjson
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
-from ingestor.emulator.faults import Faults, faults_from_json, first_rejected
+from ingestor_dev.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator.faults import Faults, faults_from_json, first_rejected
 
 KEY = "sk_test_rejectIdentifiersFault000000000"
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import stripe
 
-from ingestor.emulator import Emulator
-from ingestor.emulator.timefmt import format_rfc3339
+from ingestor_dev.emulator import Emulator
+from ingestor_dev.emulator.timefmt import format_rfc3339
 from tests.emulator.conftest import TEST_KEY
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingestor.emulator import Faults
+from ingestor_dev.emulator import Faults
 from tests.emulator.conftest import Api, event
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

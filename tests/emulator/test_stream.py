@@ -9,7 +9,7 @@ from datetime import datetime
 import aiohttp
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.emulator.conftest import LIVE_KEY, STREAM, TEST_KEY, Api, FakeClock, event, stamp
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

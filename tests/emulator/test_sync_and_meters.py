@@ -8,7 +8,7 @@ import base64
 import aiohttp
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig, Faults
+from ingestor_dev.emulator import Emulator, EmulatorConfig, Faults
 from tests.emulator.conftest import LIVE_KEY, TEST_KEY, Api, FakeClock, event, stamp
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

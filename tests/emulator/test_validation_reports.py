@@ -10,8 +10,8 @@ import pytest_asyncio
 import stripe
 from aiohttp import web
 
-from ingestor.emulator import Emulator, EmulatorConfig
-from ingestor.emulator.limits import MAX_ERRORS_PER_REPORT
+from ingestor_dev.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator.limits import MAX_ERRORS_PER_REPORT
 from tests.emulator.conftest import Api, event, stamp
 
 if TYPE_CHECKING:

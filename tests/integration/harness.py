@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from ingestor import devkafka
 from ingestor import settings as settings_mod
-from ingestor.devkafka import LocalKafka, create_topic
 from ingestor.worker import Worker
+from ingestor_dev import devkafka
+from ingestor_dev.devkafka import LocalKafka, create_topic
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable

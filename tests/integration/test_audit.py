@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from ingestor import audit, cli
-from ingestor.devkafka import committed_offsets, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import committed_offsets, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import StripeApi, end_offsets, running_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.kafka

@@ -22,10 +22,10 @@ import orjson
 import pytest
 
 from ingestor import dlq_format
-from ingestor.devkafka import produce
-from ingestor.emulator import Emulator, EmulatorConfig
 from ingestor.replay import ReplayOptions, replay
 from ingestor.settings import KafkaConnection
+from ingestor_dev.devkafka import produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     ensure_topic,

@@ -35,11 +35,11 @@ from hypothesis import strategies as st
 
 from ingestor import __version__, dlq_format
 from ingestor import catalog as catalog_mod
-from ingestor.devkafka import committed_offsets, free_port
-from ingestor.emulator import Emulator, EmulatorConfig
-from ingestor.emulator.signature import signature_header
 from ingestor.events import Decoder
 from ingestor.settings import DEFAULT_STRIPE_VERSION
+from ingestor_dev.devkafka import committed_offsets, free_port
+from ingestor_dev.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator.signature import signature_header
 from tests.corpus import BAD_RECORDS, DEFAULT_MAX_RECORD_BYTES, FakeRecord, event_bytes, good_event
 from tests.integration.harness import (
     API_KEY,

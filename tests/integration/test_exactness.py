@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from ingestor import dlq_format
-from ingestor.devkafka import committed_offsets, free_port
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import committed_offsets, free_port
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     ensure_topic,

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from ingestor.devkafka import LocalKafka, committed_offsets, create_topic
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import LocalKafka, committed_offsets, create_topic
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import StripeApi, cluster_id, end_offsets, running_worker, wait_for, worker_env
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ import orjson
 import pytest
 
 from ingestor import dlq_format
-from ingestor.devkafka import committed_offsets, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import committed_offsets, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     end_offsets,

@@ -10,8 +10,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestor.devkafka import create_topic, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import create_topic, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.corpus import BAD_RECORDS
 from tests.integration.harness import (
     API_KEY,

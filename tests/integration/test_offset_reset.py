@@ -16,9 +16,9 @@ from aiokafka.structs import TopicPartition
 
 from ingestor import offset_reset
 from ingestor import settings as settings_mod
-from ingestor.devkafka import committed_offsets
-from ingestor.emulator import Emulator, EmulatorConfig
 from ingestor.worker import Worker
+from ingestor_dev.devkafka import committed_offsets
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     end_offsets,

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from ingestor import settings
-from ingestor.devkafka import committed_offsets, produce
-from ingestor.emulator import Emulator, EmulatorConfig
 from ingestor.worker import Worker
+from ingestor_dev.devkafka import committed_offsets, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     end_offsets,

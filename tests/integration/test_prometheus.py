@@ -30,8 +30,8 @@ import orjson
 import pytest
 import yaml
 
-from ingestor.devkafka import free_port, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import free_port, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import StripeApi, ensure_topic, running_worker, wait_for, worker_env
 from tests.integration.test_pipeline import create_meters, usage
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable

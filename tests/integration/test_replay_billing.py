@@ -18,9 +18,9 @@ import pytest
 
 from ingestor import dlq_format, replay
 from ingestor.cli import build_parser
-from ingestor.devkafka import committed_offsets
-from ingestor.emulator import Emulator, EmulatorConfig
 from ingestor.errors import Rejection
+from ingestor_dev.devkafka import committed_offsets
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     cluster_id,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ingestor.devkafka import committed_offsets, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import committed_offsets, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     ensure_topic,

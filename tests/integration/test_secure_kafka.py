@@ -1,6 +1,6 @@
 """The worker, its dead-letter writer and `ingestor dlq replay` against a broker that demands TLS or SASL.
 
-One broker (module scope) listens in every mode at once (ingestor.devkafka's secure listeners): SSL,
+One broker (module scope) listens in every mode at once (ingestor_dev.devkafka's secure listeners): SSL,
 SASL_SSL with SCRAM-SHA-256 and SCRAM-SHA-512, SASL_PLAINTEXT with PLAIN, and mutual TLS. The test
 itself sets up topics and reads results on the broker's PLAINTEXT listener; the worker and the replay
 tool are separate processes configured only through the `KAFKA_*` variables of the mode under test.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ingestor import kafka_preflight, settings
-from ingestor.devkafka import SECURE_MODES, LocalKafka, create_topic, free_port, produce
-from ingestor.emulator import Emulator, EmulatorConfig
+from ingestor_dev.devkafka import SECURE_MODES, LocalKafka, create_topic, free_port, produce
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import (
     StripeApi,
     read_topic,
@@ -37,7 +37,7 @@ from tests.integration.test_pipeline import assert_totals, create_meters, usage
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from ingestor.devkafka import SecureListeners
+    from ingestor_dev.devkafka import SecureListeners
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from ingestor import settings as settings_mod
-from ingestor.emulator import Emulator, EmulatorConfig
 from ingestor.worker import Worker
+from ingestor_dev.emulator import Emulator, EmulatorConfig
 from tests.integration.harness import API_KEY, ensure_topic, worker_env
 
 if TYPE_CHECKING:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ingestor.emulator.auth import check_key, credential
-from ingestor.emulator.bodies import JSON, read_body, require_type
-from ingestor.emulator.errors import invalid, rate_limited, session_expired, unauthorized
-from ingestor.emulator.faults import first_rejected
-from ingestor.emulator.responses import json_response, ok_empty
-from ingestor.emulator.stream_body import parse_stream_body
+from ingestor_dev.emulator.auth import check_key, credential
+from ingestor_dev.emulator.bodies import JSON, read_body, require_type
+from ingestor_dev.emulator.errors import invalid, rate_limited, session_expired, unauthorized
+from ingestor_dev.emulator.faults import first_rejected
+from ingestor_dev.emulator.responses import json_response, ok_empty
+from ingestor_dev.emulator.stream_body import parse_stream_body
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from aiohttp import web
 
-    from ingestor.emulator.context import Call, Context
+    from ingestor_dev.emulator.context import Call, Context
 
 AUTHORIZATION = "Authorization"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ingestor.emulator.errors import ApiError, invalid
-from ingestor.emulator.forms import parse_form
-from ingestor.emulator.stream_body import decode_json
+from ingestor_dev.emulator.errors import ApiError, invalid
+from ingestor_dev.emulator.forms import parse_form
+from ingestor_dev.emulator.stream_body import decode_json
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from ingestor.emulator.errors import ApiError, invalid
-from ingestor.emulator.limits import MAX_EVENTS_PER_REQUEST, MAX_NAME_LENGTH
-from ingestor.emulator.timefmt import TimestampError, cached_lookup, parse_rfc3339
-from ingestor.emulator.validation import decode_columns, decode_owners_and_values
+from ingestor_dev.emulator.errors import ApiError, invalid
+from ingestor_dev.emulator.limits import MAX_EVENTS_PER_REQUEST, MAX_NAME_LENGTH
+from ingestor_dev.emulator.timefmt import TimestampError, cached_lookup, parse_rfc3339
+from ingestor_dev.emulator.validation import decode_columns, decode_owners_and_values
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from ingestor.emulator.meters import Meter
+    from ingestor_dev.emulator.meters import Meter
 
 _NAME = itemgetter("event_name")
 _PAYLOAD = itemgetter("payload")

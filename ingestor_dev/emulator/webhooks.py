@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from ingestor.emulator.reports import webhook_event
-from ingestor.emulator.signature import signature_header
+from ingestor_dev.emulator.reports import webhook_event
+from ingestor_dev.emulator.signature import signature_header
 
 if TYPE_CHECKING:
-    from ingestor.emulator.config import Clock
-    from ingestor.emulator.ids import IdFactory
-    from ingestor.emulator.state import EmulatorState
+    from ingestor_dev.emulator.config import Clock
+    from ingestor_dev.emulator.ids import IdFactory
+    from ingestor_dev.emulator.state import EmulatorState
 
 logger = logging.getLogger(__name__)
 

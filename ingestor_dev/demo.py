@@ -96,10 +96,11 @@ def generate(args: argparse.Namespace, now: float) -> tuple[list[bytes | None], 
 
 
 async def run_demo(args: argparse.Namespace) -> int:
-    from ingestor import devkafka, settings  # noqa: PLC0415
-    from ingestor.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
+    from ingestor import settings  # noqa: PLC0415
     from ingestor.observability import setup_logging  # noqa: PLC0415
     from ingestor.worker import Worker  # noqa: PLC0415
+    from ingestor_dev import devkafka  # noqa: PLC0415
+    from ingestor_dev.emulator import Emulator, EmulatorConfig  # noqa: PLC0415
 
     setup_logging("WARNING", "text")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # start-up chatter while the group forms

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ingestor.emulator.bodies import json_body
-from ingestor.emulator.errors import invalid
-from ingestor.emulator.faults import faults_from_json
-from ingestor.emulator.responses import json_response
+from ingestor_dev.emulator.bodies import json_body
+from ingestor_dev.emulator.errors import invalid
+from ingestor_dev.emulator.faults import faults_from_json
+from ingestor_dev.emulator.responses import json_response
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ingestor.emulator.context import Call, Context
+    from ingestor_dev.emulator.context import Call, Context
 
 
 async def stats(ctx: Context, _call: Call) -> web.StreamResponse:

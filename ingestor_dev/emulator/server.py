@@ -21,24 +21,24 @@ from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
-from ingestor.emulator.config import EmulatorConfig
-from ingestor.emulator.context import Call, Context
-from ingestor.emulator.errors import ApiError, rate_limited, server_error
-from ingestor.emulator.fastpath import FastPath
-from ingestor.emulator.faults import NO_DECISION, Decision, FaultPlanner, Faults, Outcome
-from ingestor.emulator.ids import IdFactory
-from ingestor.emulator.listener import Listener
-from ingestor.emulator.responses import error_response
-from ingestor.emulator.routes import Route, Router
-from ingestor.emulator.state import EmulatorState
-from ingestor.emulator.stats import RESET
-from ingestor.emulator.webhooks import WebhookSender
-from ingestor.emulator.windows import FixedWindowLimiter
+from ingestor_dev.emulator.config import EmulatorConfig
+from ingestor_dev.emulator.context import Call, Context
+from ingestor_dev.emulator.errors import ApiError, rate_limited, server_error
+from ingestor_dev.emulator.fastpath import FastPath
+from ingestor_dev.emulator.faults import NO_DECISION, Decision, FaultPlanner, Faults, Outcome
+from ingestor_dev.emulator.ids import IdFactory
+from ingestor_dev.emulator.listener import Listener
+from ingestor_dev.emulator.responses import error_response
+from ingestor_dev.emulator.routes import Route, Router
+from ingestor_dev.emulator.state import EmulatorState
+from ingestor_dev.emulator.stats import RESET
+from ingestor_dev.emulator.webhooks import WebhookSender
+from ingestor_dev.emulator.windows import FixedWindowLimiter
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ingestor.emulator.config import Clock
+    from ingestor_dev.emulator.config import Clock
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from ingestor.emulator.limits import MAX_FUTURE_S, MAX_PAST_S, MAX_VALUE_DIGITS
+from ingestor_dev.emulator.limits import MAX_FUTURE_S, MAX_PAST_S, MAX_VALUE_DIGITS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from collections.abc import Set as AbstractSet
 
-    from ingestor.emulator.meters import Meter
+    from ingestor_dev.emulator.meters import Meter
 
 
 @dataclass(frozen=True, slots=True)

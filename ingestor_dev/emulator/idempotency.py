@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import orjson
 
-from ingestor.emulator.errors import ApiError
-from ingestor.emulator.limits import DEDUP_WINDOW_S
+from ingestor_dev.emulator.errors import ApiError
+from ingestor_dev.emulator.limits import DEDUP_WINDOW_S
 
 #: How long Stripe keeps an idempotency key (24 hours, documented).
 KEY_TTL_S: Final = DEDUP_WINDOW_S

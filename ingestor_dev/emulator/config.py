@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from ingestor.emulator.auth import is_well_formed
-from ingestor.emulator.faults import Faults
-from ingestor.emulator.limits import (
+from ingestor_dev.emulator.auth import is_well_formed
+from ingestor_dev.emulator.faults import Faults
+from ingestor_dev.emulator.limits import (
     DEFAULT_SESSION_TTL_S,
     DEFAULT_VALIDATION_INTERVAL_S,
     LIVE_STREAM_RPS,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ingestor.emulator.aggregation import Formula, Window
+    from ingestor_dev.emulator.aggregation import Formula, Window
 
 Status = Literal["active", "inactive"]
 

@@ -17,14 +17,14 @@ from itertools import repeat
 from operator import sub
 from typing import TYPE_CHECKING, Any
 
-from ingestor.emulator.errors import ApiError, invalid
-from ingestor.emulator.idempotency import IdempotencyStore
-from ingestor.emulator.limits import CANCEL_WINDOW_S, DEDUP_WINDOW_S
-from ingestor.emulator.meters import Meter, MeterRegistry
-from ingestor.emulator.reports import Failure, build_reports
-from ingestor.emulator.sessions import SessionStore
-from ingestor.emulator.stats import Stats
-from ingestor.emulator.validation import (
+from ingestor_dev.emulator.errors import ApiError, invalid
+from ingestor_dev.emulator.idempotency import IdempotencyStore
+from ingestor_dev.emulator.limits import CANCEL_WINDOW_S, DEDUP_WINDOW_S
+from ingestor_dev.emulator.meters import Meter, MeterRegistry
+from ingestor_dev.emulator.reports import Failure, build_reports
+from ingestor_dev.emulator.sessions import SessionStore
+from ingestor_dev.emulator.stats import Stats
+from ingestor_dev.emulator.validation import (
     Problem,
     check_customer_known,
     check_event,
@@ -38,9 +38,9 @@ from ingestor.emulator.validation import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ingestor.emulator.config import Clock, EmulatorConfig
-    from ingestor.emulator.ids import IdFactory
-    from ingestor.emulator.stream_body import EventBatch, SingleEvent
+    from ingestor_dev.emulator.config import Clock, EmulatorConfig
+    from ingestor_dev.emulator.ids import IdFactory
+    from ingestor_dev.emulator.stream_body import EventBatch, SingleEvent
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from ingestor.emulator.errors import ApiError
+    from ingestor_dev.emulator.errors import ApiError
 
 JSON = "application/json"
 EMPTY_OBJECT = b"{}"

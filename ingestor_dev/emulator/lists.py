@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ingestor.emulator.errors import invalid
-from ingestor.emulator.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from ingestor_dev.emulator.errors import invalid
+from ingestor_dev.emulator.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -7,7 +7,7 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from ingestor.emulator.errors import unauthorized
+from ingestor_dev.emulator.errors import unauthorized
 
 _KEY = re.compile(r"(?:sk|rk)_(test|live)_[A-Za-z0-9]+")
 

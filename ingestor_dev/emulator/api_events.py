@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ingestor.emulator.auth import check_key
-from ingestor.emulator.bodies import form_body, json_body
-from ingestor.emulator.errors import ApiError, invalid, missing
-from ingestor.emulator.idempotency import REPLAYED_HEADER
-from ingestor.emulator.responses import json_response
-from ingestor.emulator.stream_body import parse_single_event
-from ingestor.emulator.timefmt import format_rfc3339
+from ingestor_dev.emulator.auth import check_key
+from ingestor_dev.emulator.bodies import form_body, json_body
+from ingestor_dev.emulator.errors import ApiError, invalid, missing
+from ingestor_dev.emulator.idempotency import REPLAYED_HEADER
+from ingestor_dev.emulator.responses import json_response
+from ingestor_dev.emulator.stream_body import parse_single_event
+from ingestor_dev.emulator.timefmt import format_rfc3339
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ingestor.emulator.context import Call, Context
+    from ingestor_dev.emulator.context import Call, Context
 
 AUTHORIZATION = "Authorization"
 

@@ -6,14 +6,14 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ingestor.emulator import api_control, api_events, api_meters, api_stream
+from ingestor_dev.emulator import api_control, api_events, api_meters, api_stream
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from aiohttp import web
 
-    from ingestor.emulator.context import Call, Context
+    from ingestor_dev.emulator.context import Call, Context
 
 
 STREAM_PATH = "/v2/billing/meter_event_stream"

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ingestor.emulator.limits import MAX_ERRORS_PER_REPORT
-from ingestor.emulator.timefmt import format_rfc3339
+from ingestor_dev.emulator.limits import MAX_ERRORS_PER_REPORT
+from ingestor_dev.emulator.timefmt import format_rfc3339
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

@@ -27,16 +27,16 @@ import orjson
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
-from ingestor.emulator.api_stream import admit, ingest
-from ingestor.emulator.bodies import JSON, check_type
-from ingestor.emulator.errors import ApiError
-from ingestor.emulator.routes import STREAM_PATH
-from ingestor.emulator.stats import RESET
+from ingestor_dev.emulator.api_stream import admit, ingest
+from ingestor_dev.emulator.bodies import JSON, check_type
+from ingestor_dev.emulator.errors import ApiError
+from ingestor_dev.emulator.routes import STREAM_PATH
+from ingestor_dev.emulator.stats import RESET
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ingestor.emulator.context import Context
+    from ingestor_dev.emulator.context import Context
 
 logger = logging.getLogger(__name__)
 

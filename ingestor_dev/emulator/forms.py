@@ -6,7 +6,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ingestor.emulator.errors import invalid
+from ingestor_dev.emulator.errors import invalid
 
 _PART = re.compile(r"\[([^\[\]]*)\]")
 

@@ -2,7 +2,7 @@
 
 Prints `emulator listening on http://HOST:PORT` (flushed) once it accepts connections.
 `ingestor emulator create-meter NAME` and `ingestor emulator totals NAME --customer C` talk to a running one
-(see `ingestor.emulator.client_cli`).
+(see `ingestor_dev.emulator.client_cli`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ingestor.emulator import client_cli
-from ingestor.emulator.config import EmulatorConfig
-from ingestor.emulator.faults import faults_from_json
-from ingestor.emulator.limits import DEFAULT_SESSION_TTL_S, DEFAULT_VALIDATION_INTERVAL_S, MAX_BODY_BYTES
-from ingestor.emulator.server import Emulator
 from ingestor.runtime import tune_gc
+from ingestor_dev.emulator import client_cli
+from ingestor_dev.emulator.config import EmulatorConfig
+from ingestor_dev.emulator.faults import faults_from_json
+from ingestor_dev.emulator.limits import DEFAULT_SESSION_TTL_S, DEFAULT_VALIDATION_INTERVAL_S, MAX_BODY_BYTES
+from ingestor_dev.emulator.server import Emulator
 
 if TYPE_CHECKING:
     import argparse

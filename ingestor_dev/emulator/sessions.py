@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ingestor.emulator.timefmt import format_rfc3339
+from ingestor_dev.emulator.timefmt import format_rfc3339
 
 
 @dataclass(slots=True)

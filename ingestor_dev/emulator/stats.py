@@ -7,7 +7,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingestor.emulator.windows import SlidingWindowMax
+from ingestor_dev.emulator.windows import SlidingWindowMax
 
 RESET = "reset"
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ingestor.emulator.config import Clock, EmulatorConfig
-    from ingestor.emulator.faults import FaultPlanner, Faults
-    from ingestor.emulator.state import EmulatorState
-    from ingestor.emulator.windows import FixedWindowLimiter
+    from ingestor_dev.emulator.config import Clock, EmulatorConfig
+    from ingestor_dev.emulator.faults import FaultPlanner, Faults
+    from ingestor_dev.emulator.state import EmulatorState
+    from ingestor_dev.emulator.windows import FixedWindowLimiter
 
 
 class FaultSwitch(Protocol):

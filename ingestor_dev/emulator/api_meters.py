@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-from ingestor.emulator.aggregation import Formula, Query, Window, check_range, summarize
-from ingestor.emulator.auth import ApiKey, check_key
-from ingestor.emulator.bodies import form_body
-from ingestor.emulator.errors import ApiError, invalid, missing, not_found
-from ingestor.emulator.limits import MAX_NAME_LENGTH
-from ingestor.emulator.lists import list_object, paginate
-from ingestor.emulator.meters import Meter
-from ingestor.emulator.responses import json_response
+from ingestor_dev.emulator.aggregation import Formula, Query, Window, check_range, summarize
+from ingestor_dev.emulator.auth import ApiKey, check_key
+from ingestor_dev.emulator.bodies import form_body
+from ingestor_dev.emulator.errors import ApiError, invalid, missing, not_found
+from ingestor_dev.emulator.limits import MAX_NAME_LENGTH
+from ingestor_dev.emulator.lists import list_object, paginate
+from ingestor_dev.emulator.meters import Meter
+from ingestor_dev.emulator.responses import json_response
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from aiohttp import web
 
-    from ingestor.emulator.context import Call, Context
+    from ingestor_dev.emulator.context import Call, Context
 
 AUTHORIZATION = "Authorization"
 FORMULAS = ("count", "sum", "last")
