@@ -47,9 +47,11 @@ kafka-down: setup
 demo: kafka-fetch
 	$(BIN)/ingestor demo
 
+## ruff, then the architecture's import contracts ([tool.importlinter] in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check ingestor ingestor_dev tests bench scripts
 	$(BIN)/ruff format --check ingestor ingestor_dev tests bench scripts
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
@@ -75,4 +77,4 @@ soak: kafka-fetch
 	$(BIN)/python -m tests.chaos.soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache build *.egg-info

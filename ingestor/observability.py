@@ -174,14 +174,3 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
     return runner, int(bound)
-
-
-def exported_metric_names() -> set[str]:
-    """Every metric name a fully wired worker exports (counters with `_total`, info with `_info`)."""
-    from ingestor.settings import load  # noqa: PLC0415 - avoids an import cycle with the worker
-    from ingestor.worker import Worker  # noqa: PLC0415
-
-    env = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092", "INGESTOR_TOPICS": "t", "STRIPE_API_KEY": "sk_test_names"}
-    worker = Worker(load(env))
-    suffix = {"counter": "_total", "info": "_info"}
-    return {family.name + suffix.get(family.type, "") for family in worker.metrics.registry.collect()}

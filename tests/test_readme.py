@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ingestor import dlq_format, errors, settings
-from ingestor.observability import exported_metric_names
+from ingestor.metric_names import exported_metric_names
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 
