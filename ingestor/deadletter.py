@@ -31,6 +31,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from ingestor import __version__, backoff, dlq_format
 from ingestor.clock import SYSTEM_CLOCK
+from ingestor.timefmt import format_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
@@ -153,7 +154,7 @@ def message_bytes(message: dict[str, Any]) -> int:
 
 
 def _rfc3339(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
+    return format_seconds(seconds)
 
 
 class TopicLimit:

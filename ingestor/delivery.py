@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from ingestor import backoff
 from ingestor.errors import Rejection
 from ingestor.stream_client import Answer, Outcome
 
@@ -180,8 +181,8 @@ class Delivery:
             message = f"gave up after {batch.attempts} attempts; last: {answer.status} {cause}"
             self._dead_letter_all(batch, Rejection("retries_exhausted", message), answer)
             return True
-        ceiling = min(self._retry_max, self._retry_base * 2 ** min(batch.attempts - 1, 30))
-        await self._clock.sleep(random.uniform(0, ceiling))  # noqa: S311 - jitter, not crypto
+        pause = backoff.delay(batch.attempts, self._retry_base, self._retry_max, random.random())  # noqa: S311 - jitter
+        await self._clock.sleep(pause)
         return False
 
     async def _rejected(self, batch: Batch, answer: Answer) -> None:

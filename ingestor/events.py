@@ -33,6 +33,7 @@ import orjson
 
 from ingestor import cancellation, dlq_format
 from ingestor.errors import Rejection
+from ingestor.timefmt import format_ms
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -91,12 +92,6 @@ def identifier_prefix(topic: str, partition: int, namespace: str = "") -> str:
         digest = hashlib.sha256(topic.encode()).hexdigest()[:24]
         prefix = f"kafka-{scope}{digest}-{partition}-"
     return prefix
-
-
-def format_ms(ms: int) -> str:
-    """Unix milliseconds -> RFC 3339 UTC with milliseconds, e.g. 2026-11-21T05:19:17.123Z."""
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def parse_timestamp(text: str) -> float:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import aiohttp
 import orjson
 
+from ingestor import backoff
 from ingestor.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def reauth_interval(streak: int) -> float:
     """
     if streak <= 1:
         return 0.0
-    return min(REAUTH_MAX_INTERVAL_S, REAUTH_FIRST_INTERVAL_S * 2.0 ** min(streak - 2, 64))
+    return backoff.ceiling(streak - 1, REAUTH_FIRST_INTERVAL_S, REAUTH_MAX_INTERVAL_S)
 
 
 def _malformed(what: str) -> SessionError:
@@ -253,8 +254,7 @@ class Backoff:
 
     def delay(self, failures: int, rand: float) -> float:
         """``rand`` in [0, 1); ``failures`` ≥ 1 consecutive failures so far."""
-        ceiling = self.cap if failures > 64 else min(self.cap, self.base * 2.0 ** max(0, failures - 1))
-        return rand * ceiling
+        return backoff.delay(failures, self.base, self.cap, rand)
 
 
 def _cancelling() -> bool:

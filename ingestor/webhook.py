@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from ingestor import __version__, dlq_format
+from ingestor.timefmt import format_datetime
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -242,8 +243,7 @@ def _rfc3339(value: Any, name: str) -> str | None:
     moment = _moment(value)
     if moment is None or moment.tzinfo is None:
         raise WebhookPayloadError(f"{name} is neither unix seconds nor an RFC 3339 date-time: {value!r}")
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return format_datetime(moment)
 
 
 def _moment(value: Any) -> datetime | None:

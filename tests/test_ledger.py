@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ingestor.catalog import Meter
-from ingestor.events import format_ms
 from ingestor.ledger import Ledger
+from ingestor.timefmt import format_ms
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a day boundary
 HOUR_MS = 3_600_000
