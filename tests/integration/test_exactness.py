@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import aiohttp
 import pytest
@@ -44,6 +45,20 @@ from tests.integration.test_dead_letters import (
 pytestmark = pytest.mark.kafka
 
 BAD_JSON = b'{"event_name":"api_requests","payload":{"stripe_customer_id":"cus_dl_0","value":"1.5"}}'
+
+
+def interleaved(n_bad: int, n_good: int, partitions: int, *, tag: str) -> tuple[list[Sent], list[Sent], list[Sent]]:
+    """(bad, good, all): bad records spread over the partitions, each after a good one, then the rest."""
+    bad = [Sent(i % partitions, b"bad", BAD_JSON, reason="value_invalid", label=f"bad {i}") for i in range(n_bad)]
+    good = good_records(n_good, partitions, tag=tag)
+    return bad, good, [r for pair in zip(good[:n_bad], bad, strict=True) for r in pair] + good[n_bad:]
+
+
+def assert_each_dead_lettered_once(letters: list[Any], bad: list[Sent]) -> None:
+    """The DLQ (read_committed) holds each bad record exactly once, by its source coordinates."""
+    headers = [header_map(letter.headers) for letter in letters]
+    coordinates = sorted((int(h[dlq_format.SOURCE_PARTITION]), int(h[dlq_format.SOURCE_OFFSET])) for h in headers)
+    assert coordinates == sorted((r.partition, r.offset) for r in bad), f"{len(letters)} letters for {len(bad)} bad"
 
 
 def on(partition: int, records: list[Sent]) -> list[Sent]:
@@ -149,9 +164,7 @@ async def test_dead_letters_are_not_written_twice_when_the_worker_dies_before_co
     kafka_bootstrap, topic_factory, tmp_path
 ):
     topic = await topic_factory(3, "dl-kill")
-    bad = [Sent(i % 3, b"bad", BAD_JSON, reason="value_invalid", label=f"bad {i}") for i in range(30)]
-    good = good_records(600, 3, tag="kill")
-    records = [r for pair in zip(good[:30], bad, strict=True) for r in pair] + good[30:]
+    bad, good, records = interleaved(30, 600, 3, tag="kill")
     await produce_records(kafka_bootstrap, topic, records)
     async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
         api = StripeApi(emu.url)
@@ -185,11 +198,7 @@ async def test_dead_letters_are_not_written_twice_when_the_worker_dies_before_co
             assert await asyncio.to_thread(stop_process, second, signal.SIGTERM, 30) == 0
         letters = await read_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
         await assert_billed(api, {"api_requests": meter_id}, expected_totals(records, {"api_requests": "sum"}))
-    coordinates = sorted(
-        (int(header_map(x.headers)[dlq_format.SOURCE_PARTITION]), int(header_map(x.headers)[dlq_format.SOURCE_OFFSET]))
-        for x in letters
-    )
-    assert coordinates == sorted((r.partition, r.offset) for r in bad), f"{len(letters)} letters for {len(bad)} bad"
+    assert_each_dead_lettered_once(letters, bad)
 
 
 async def test_dead_letters_wait_for_earlier_records_so_a_crash_cannot_write_them_twice(
@@ -199,9 +208,7 @@ async def test_dead_letters_wait_for_earlier_records_so_a_crash_cannot_write_the
     committed offset can pass them (it used to write them at once, in a transaction whose offset stayed
     behind them, and write them again after a SIGKILL)."""
     topic = await topic_factory(2, "dl-wait")
-    bad = [Sent(i % 2, b"bad", BAD_JSON, reason="value_invalid", label=f"bad {i}") for i in range(20)]
-    good = good_records(400, 2, tag="wait")
-    records = [r for pair in zip(good[:20], bad, strict=True) for r in pair] + good[20:]
+    bad, _, records = interleaved(20, 400, 2, tag="wait")
     await produce_records(kafka_bootstrap, topic, records)
     async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
         api = StripeApi(emu.url)
@@ -226,8 +233,4 @@ async def test_dead_letters_wait_for_earlier_records_so_a_crash_cannot_write_the
         letters = await read_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
         await assert_billed(api, {"api_requests": meter_id}, expected_totals(records, {"api_requests": "sum"}))
     assert written_before_the_crash == 0
-    coordinates = sorted(
-        (int(header_map(x.headers)[dlq_format.SOURCE_PARTITION]), int(header_map(x.headers)[dlq_format.SOURCE_OFFSET]))
-        for x in letters
-    )
-    assert coordinates == sorted((r.partition, r.offset) for r in bad), f"{len(letters)} letters for {len(bad)} bad"
+    assert_each_dead_lettered_once(letters, bad)
