@@ -846,7 +846,7 @@ class Worker:
         )
         m.export_state(
             "ingestor_dlq_backlog_records",
-            "Dead-letter records waiting for Kafka's ack.",
+            "Dead-letter records not written yet (transactional: until the commit that passes them).",
             lambda: one(self.dead_letters.backlog if self.dead_letters else 0),
         )
 
