@@ -71,6 +71,8 @@ RESUME_FRACTION = 0.5
 CATALOG_RETRY_S = 5.0
 KAFKA_PROBE_INTERVAL_S = 5.0
 KAFKA_PROBE_TIMEOUT_S = 10.0
+#: Shutdown: how long the background tasks may take to stop, and then the final commit.
+SHUTDOWN_STEP_S = 10.0
 #: The dead-letter producer never refuses a record on its own: the topic's limit is judged by the writer
 #: (it writes an oversized letter without its original) and by the broker.
 DLQ_PRODUCER_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -373,13 +375,29 @@ class Worker:
             await self._drain(self.settings.drain_timeout_s)
         finally:
             self.health.running = False
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            await self._commit()
+            results = await self._stop_background(tasks)
+            await self._final_commit()
         for result in results:
             if isinstance(result, Exception):
                 raise result
+
+    async def _stop_background(self, tasks: list[asyncio.Task[Any]]) -> list[BaseException | None]:
+        """Cancel the background tasks and wait for them, at most SHUTDOWN_STEP_S: a task that does not
+        end must not keep the worker past its grace period (what it held is redelivered, same identifiers)."""
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return []
+        done, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_STEP_S)
+        if stuck:
+            log.error("background tasks did not stop in time", extra={"tasks": sorted(t.get_name() for t in stuck)})
+        return [None if t.cancelled() else t.exception() for t in done]
+
+    async def _final_commit(self) -> None:
+        try:
+            await asyncio.wait_for(self._commit(), SHUTDOWN_STEP_S)
+        except TimeoutError:
+            log.error("the final commit did not finish in time; the next owner resends what it covered")  # noqa: TRY400
 
     def _spawn_background(self) -> list[asyncio.Task[Any]]:
         assert self.dead_letters is not None
@@ -393,7 +411,7 @@ class Worker:
             coros.append(self._catalog_loop())
         if self.unknown_meters is not None:
             coros.append(self._unknown_meter_loop())
-        tasks = [asyncio.create_task(c) for c in coros]
+        tasks = [asyncio.create_task(c, name=f"ingestor-{getattr(c, '__qualname__', 'task')}") for c in coros]
         for task in tasks:
             task.add_done_callback(self._on_task_done)
         return tasks
