@@ -11,8 +11,6 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ingestor.events import identifier_prefix
 from tests.chaos.accounting import wait_settled
@@ -20,22 +18,12 @@ from tests.chaos.profile import CURRENT
 from tests.chaos.run import chaos_run
 from tests.chaos.workload import CUSTOMERS
 from tests.integration.harness import RestartableKafka, StripeApi, cluster_id, wait_for
-from tests.integration.test_dead_letters import Sent
+from tests.integration.test_dead_letters import Sent, set_topic_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos, pytest.mark.timeout(CURRENT.timeout(300))]
 
 #: The broker's default message.max.bytes (1 MiB plus the batch overhead).
 DEFAULT_MAX_MESSAGE_BYTES = "1048588"
-
-
-async def set_topic_config(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
-        assert all(error_code == 0 for error_code, *_ in response.resources), response
-    finally:
-        await admin.close()
 
 
 async def test_broker_stopped_and_started_again_mid_run(tmp_path, chaos_seed, profile):
