@@ -40,7 +40,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from ingestor import backoff, cancellation, cluster, dlq_format
+from ingestor import backoff, cancellation, cluster, dlq_format, kafka_preflight
 from ingestor import catalog as catalog_mod
 from ingestor.adjustments import Pacer
 from ingestor.clock import SYSTEM_CLOCK
@@ -561,6 +561,7 @@ async def run(
     try:
         options = options_from_args(args, time.time())
         settings = load(os.environ if environ is None else environ)
+        await kafka_preflight.check(settings.kafka)
         report = await audit(settings, options, err=err)
     except (AuditError, SettingsError) as exc:
         print(f"ingestor audit: error: {exc}", file=err)

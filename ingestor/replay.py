@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from ingestor import cluster, dlq_format
+from ingestor import cluster, dlq_format, kafka_preflight
 from ingestor.errors import REASONS
 from ingestor.events import identifier_prefix
 from ingestor.settings import SETTINGS, KafkaConnection, SettingsError, load_kafka
@@ -408,6 +408,7 @@ async def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     try:
         options = options_from_args(args, env)
         connection = load_kafka(env, bootstrap_servers=args.bootstrap_servers)
+        await kafka_preflight.check(connection)
         tally = await replay(options, connection)
     except (ReplayError, SettingsError, KafkaError) as exc:
         print(f"ingestor dlq replay: error: {exc}", file=sys.stderr)

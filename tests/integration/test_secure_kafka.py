@@ -188,3 +188,30 @@ async def test_a_certificate_for_another_host_is_accepted_only_when_host_names_a
 async def test_an_unreachable_broker_is_left_to_the_clients_to_report():
     # Nothing listens there: the check neither judges nor hangs; the clients' own retries report it.
     await kafka_preflight.check(settings.load_kafka({"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}))
+
+
+@pytest.mark.timeout(240)
+async def test_replay_and_audit_name_the_refused_setting_too(secure_kafka, tmp_path):
+    # `dlq replay` and `audit` open Kafka clients of their own: the same start-up check names what to fix,
+    # where aiokafka alone says "Unable to bootstrap".
+    secure = secure_kafka.secure
+    wrong = f"wrong-{secrets.token_urlsafe(12)}"
+    base = worker_env(secure_kafka.bootstrap, "never-read", "http://127.0.0.1:9", INGESTOR_DLQ_TOPIC="never-read.dlq")
+    commands = {
+        "dlq replay": (["dlq", "replay", "--from-topic", "never-read.dlq", "--to-topic", "never-written"], 1),
+        "audit": (["audit", "--from", "0"], 2),
+    }
+    cases = bad_cases(secure, wrong)
+    failures = []
+    for case in ("wrong SCRAM-SHA-512 password", "a CA that did not sign the broker's certificate"):
+        kafka_env, variable = cases[case]
+        for name, (args, status) in commands.items():
+            done = await asyncio.to_thread(run_cli, args, {**base, **kafka_env})
+            output = done.stdout + done.stderr
+            if done.returncode != status or variable not in done.stderr or "Traceback" in output:
+                failures.append(
+                    f"{name}, {case}: exit {done.returncode}, expected {status} naming {variable}:\n{output[-1500:]}"
+                )
+            if secure.password in output or wrong in output:
+                failures.append(f"{name}, {case}: a password was printed:\n{output[-1500:]}")
+    assert not failures, "\n\n".join(failures)
