@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ingestor.settings import SETTINGS
+from ingestor.worker import SHUTDOWN_STEP_S
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "ingestor"
@@ -101,7 +102,9 @@ def test_config_variables_the_schema_allows_are_worker_settings(schema: dict[str
 def test_chart_defaults_follow_the_worker(values: dict[str, Any]) -> None:
     assert float(DEFAULTS["INGESTOR_DRAIN_TIMEOUT_S"] or 0) == values["drainTimeoutSeconds"]
     assert int(DEFAULTS["INGESTOR_METRICS_PORT"] or 0) == values["metrics"]["port"]
-    assert values["terminationGraceMarginSeconds"] >= 2
+    # After the drain deadline the worker may take SHUTDOWN_STEP_S to stop its tasks and as long again for
+    # the final commit: the grace period must cover both, and closing the clients.
+    assert values["terminationGraceMarginSeconds"] >= 2 * SHUTDOWN_STEP_S + 2
 
 
 def test_pod_user_is_the_image_user(values: dict[str, Any]) -> None:
