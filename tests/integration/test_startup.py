@@ -31,13 +31,18 @@ if TYPE_CHECKING:
 PROCESS_LIMIT_S = 60.0
 
 
-async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    """`ingestor run ARGS` with exactly `env` (and PATH/HOME): its exit code and its output."""
+async def start_run(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """`ingestor run ARGS` with exactly `env` (and PATH/HOME), its output (stderr too) on a pipe."""
     full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), **env}
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ingestor", "run", *args, env=full, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """`ingestor run ARGS` with exactly `env` (and PATH/HOME): its exit code and its output."""
+    proc = await start_run(env, *args)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), PROCESS_LIMIT_S)
     except TimeoutError:
@@ -62,6 +67,27 @@ def closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+async def signal_after(env: dict[str, str], marker: str, signum: signal.Signals) -> tuple[int, list[str], str]:
+    """`ingestor run` with exactly `env` (and PATH/HOME), sent `signum` once a line holding `marker` is logged:
+    its exit code, the lines before that one, and the rest of its output."""
+    proc = await start_run(env)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(PROCESS_LIMIT_S):
+            while marker not in (line := (await proc.stdout.readline()).decode()):
+                assert line, "".join(seen)  # the process ended before it logged the marker
+                seen.append(line)
+            proc.send_signal(signum)
+            rest, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, seen, rest.decode()
 
 
 @contextlib.contextmanager
@@ -119,26 +145,9 @@ async def test_a_signal_during_start_up_exits_cleanly(signum: signal.Signals) ->
     with listening_socket() as stripe:
         url = f"http://127.0.0.1:{stripe.getsockname()[1]}"
         env = offline_env(INGESTOR_STRIPE_API_BASE=url, INGESTOR_REQUEST_TIMEOUT_S="100", INGESTOR_LOG_FORMAT="text")
-        full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), **env}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingestor", "run", env=full, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        seen: list[str] = []
-        try:
-            async with asyncio.timeout(PROCESS_LIMIT_S):
-                while "serving" not in (line := (await proc.stdout.readline()).decode()):
-                    assert line, "".join(seen)  # the process ended before start-up reached its HTTP server
-                    seen.append(line)
-                proc.send_signal(signum)
-                rest, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    output = "".join(seen) + rest.decode()
-    assert proc.returncode == 0, output
+        code, seen, rest = await signal_after(env, "serving", signum)
+    output = "".join(seen) + rest
+    assert code == 0, output
     assert "Traceback" not in output
     assert "KeyboardInterrupt" not in output
     assert "stopped during start-up" in output
@@ -190,26 +199,9 @@ async def test_ctrl_c_once_running_drains_and_exits_cleanly_and_the_served_addre
     async with emulator() as emu:
         env = worker_env(kafka_bootstrap, topic, emu.url, INGESTOR_LOG_FORMAT="text")
         await ensure_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"])
-        full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), **env}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingestor", "run", env=full, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        seen: list[str] = []
-        try:
-            async with asyncio.timeout(PROCESS_LIMIT_S):
-                while "worker started" not in (line := (await proc.stdout.readline()).decode()):
-                    assert line, "".join(seen)
-                    seen.append(line)
-                proc.send_signal(signal.SIGINT)
-                rest, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    output = "".join(seen) + rest.decode()
-    assert proc.returncode == 0, output
+        code, seen, rest = await signal_after(env, "worker started", signal.SIGINT)
+    output = "".join(seen) + rest
+    assert code == 0, output
     assert "Traceback" not in output
     assert "worker stopped" in output
     # INGESTOR_METRICS_PORT=0: the port chosen is in the log, and it is the one that served.
