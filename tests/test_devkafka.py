@@ -173,14 +173,19 @@ def test_local_kafka_starts_stops_and_frees_its_port() -> None:
         broker.start()
 
 
-@pytest.mark.slow
-def test_cli_up_status_down(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A cache of its own (broker state, data) in `tmp_path`, with the fetched Kafka's libraries linked in."""
     libs = fetch()
     monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
     (tmp_path / KAFKA_VERSION).mkdir()
     (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("private_cache")
+def test_cli_up_status_down(capsys: pytest.CaptureFixture[str]) -> None:
     port = devkafka.free_port()
 
     assert cli.main(["kafka", "down"]) == 0  # nothing to stop
@@ -232,13 +237,8 @@ def test_a_broker_does_not_outlive_its_killed_owner(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_up_secure_and_env_print_working_settings_for_every_mode(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    libs = fetch()
-    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
-    (tmp_path / KAFKA_VERSION).mkdir()
-    (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
+@pytest.mark.usefixtures("private_cache")
+def test_cli_up_secure_and_env_print_working_settings_for_every_mode(capsys: pytest.CaptureFixture[str]) -> None:
     port = devkafka.free_port()
 
     assert cli.main(["kafka", "env", "mtls"]) == 1  # nothing runs
@@ -330,14 +330,10 @@ def test_a_port_whose_connections_linger_in_time_wait_is_free_for_the_broker() -
 
 @pytest.mark.slow
 def test_cli_down_says_what_it_deletes_and_keeps_data_when_asked(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    private_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    libs = fetch()
-    monkeypatch.setenv(devkafka.CACHE_ENV, str(tmp_path))
-    (tmp_path / KAFKA_VERSION).mkdir()
-    (tmp_path / KAFKA_VERSION / "libs").symlink_to(libs)
     port = devkafka.free_port()
-    lines = tmp_path / "events.jsonl"
+    lines = private_cache / "events.jsonl"
     lines.write_text('{"event_name": "a", "payload": {}}\n\n{"event_name": "b", "payload": {}}\n')
     try:
         assert cli.main(["kafka", "up", "--port", str(port)]) == 0
