@@ -44,7 +44,7 @@ from ingestor import backoff, cancellation, cluster, dlq_format
 from ingestor import catalog as catalog_mod
 from ingestor.adjustments import Pacer
 from ingestor.clock import SYSTEM_CLOCK
-from ingestor.errors import Rejection
+from ingestor.errors import AuditError, CatalogError, Rejection, StripeUnreachable
 from ingestor.events import Decoder, parse_timestamp
 from ingestor.ledger import Ledger
 from ingestor.replay import read_snapshot
@@ -66,10 +66,6 @@ SUMMARY_CONCURRENCY: Final = 8
 SETTLE_STEP_S: Final = 1.0
 PROGRESS_EVERY_S: Final = 0.25
 REPORT_REASON: Final = "stripe_async_error"
-
-
-class AuditError(Exception):
-    """The audit cannot be made (exit status 2); the message names the setting to look at."""
 
 
 Range = dict[TopicPartition, tuple[int, int]]

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from ingestor.errors import NoShareError
 from ingestor.budget import (
     BudgetGate,
     BudgetPolicy,
-    NoShareError,
     RequestBudget,
     SendWindow,
     pacing,
