@@ -188,13 +188,13 @@ class StripeHttp:
     with a session `token` authenticates with it instead of the key (the meter event stream).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - one host's whole configuration, keywords after the URL
         self,
         transport: Transport,
         base_url: str,
         *,
         stripe_version: str,
-        timeout: float,  # noqa: ASYNC109 - every request's total timeout
+        timeout: float,
         api_key: str = "",
         user_agent: str = USER_AGENT,
     ) -> None:
@@ -225,9 +225,7 @@ class StripeHttp:
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         try:
-            status, reply_headers, reply_body = await self._transport.request(
-                method, url, headers, body, self.timeout
-            )
+            status, reply_headers, reply_body = await self._transport.request(method, url, headers, body, self.timeout)
         except TimeoutError:
             raise StripeUnreachable("timeout", f"{method} {path}: no answer within {self.timeout:g} s") from None
         except (OSError, aiohttp.ClientError) as exc:
