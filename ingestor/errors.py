@@ -138,7 +138,7 @@ class SessionUnavailable(SessionError):  # noqa: N818 - reads as a state, like h
     retriable = True
 
 
-class CatalogError(IngestorError):
+class CatalogError(IngestorError, ValueError):
     """The meter catalog could not be read or parsed; `status`: Stripe's HTTP status, when it answered one.
 
     From Stripe at start: a 401/403 is fatal (exit 2), anything else retried until it loads; on a refresh

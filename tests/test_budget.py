@@ -10,7 +10,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ingestor.errors import NoShareError
 from ingestor.budget import (
     BudgetGate,
     BudgetPolicy,
@@ -19,6 +18,7 @@ from ingestor.budget import (
     pacing,
     share_of,
 )
+from ingestor.errors import NoShareError
 from tests.fakes import FakeClock, settle
 
 #: Send times that float error puts a hair inside a window edge must not count as a violation.
