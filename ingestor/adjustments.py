@@ -8,8 +8,8 @@ the partition is done (accepted by Stripe or dead-lettered). Records after it ar
 a later cancellation of the same partition waits for this one too, so cancellations of one partition go
 one at a time, in order. A poll without cancellations is one chunk, as before (nothing on the hot path).
 
-Calls. Adjustments are ordinary API calls on the API host (secret key, JSON, `Stripe-Version`), not stream
-calls: one request per cancellation, paced at INGESTOR_API_RPS (Stripe documents 100 requests/s in live
+Calls. Adjustments are ordinary API calls on the API host (`ingestor.stripe_http` with the secret key), not
+stream calls: one request per cancellation, paced at INGESTOR_API_RPS (Stripe documents 100 requests/s in live
 mode and 25/s in sandboxes for ordinary endpoints), with an `Idempotency-Key` derived from the record
 (`ingestor.cancellation.idempotency_key`) and reused on every retry, so a retry after a timeout gets the
 answer the first try got. Answers are classified as stream answers are (`stream_client.classify`), except
@@ -27,12 +27,11 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import orjson
 
 from ingestor import backoff
-from ingestor.errors import Rejection
-from ingestor.stream_client import ACCEPTED, Answer, Outcome, classify
+from ingestor.errors import Rejection, StripeUnreachable
+from ingestor.stream_client import ACCEPTED, Answer, Outcome, classify, unreachable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from ingestor.events import Record
     from ingestor.metrics import Metrics
     from ingestor.offsets import Chunk, OffsetTracker
-    from ingestor.stream_client import Transport
+    from ingestor.stripe_http import StripeHttp
 
 log = logging.getLogger("ingestor.adjustments")
 
@@ -130,28 +129,22 @@ class Pacer:
 
 
 class AdjustmentClient:
-    """POSTs one cancellation with the secret key and classifies the answer. Never raises for I/O."""
+    """POSTs one cancellation on the API host (secret key) and classifies the answer. Never raises for I/O."""
 
-    def __init__(self, transport: Transport, api_base: str, api_key: str, stripe_version: str) -> None:
-        self._transport = transport
-        self._url = api_base + ADJUSTMENTS_PATH
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-            "Stripe-Version": stripe_version,
-        }
+    def __init__(self, http: StripeHttp) -> None:
+        self._http = http
 
     async def send(self, cancel: Cancellation) -> Answer:
-        headers = {**self._headers, "Idempotency-Key": cancel.idempotency_key()}
         try:
-            status, resp_headers, body = await self._transport.post(self._url, cancel.body(), headers)
-        except TimeoutError:
-            return Answer(Outcome.RETRY, 0, "timeout", "the request timed out")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Answer(Outcome.RETRY, 0, "connection_error", type(exc).__name__)
+            reply = await self._http.request(
+                "POST", ADJUSTMENTS_PATH, body=cancel.body(), idempotency_key=cancel.idempotency_key()
+            )
+        except StripeUnreachable as exc:
+            return unreachable(exc)
+        status, body = reply.status, reply.body
         if status == 200 and _is_adjustment(body):  # Stripe's documented success: the adjustment object
             return ACCEPTED
-        answer = classify(status, resp_headers, body)  # errors as for the stream; any other 2xx is unexpected
+        answer = classify(status, reply.headers, body)  # errors as for the stream; any other 2xx is unexpected
         if answer.outcome is Outcome.REAUTH:  # the secret key was refused: a misconfiguration, retried
             return Answer(Outcome.RETRY, status, answer.code, answer.message)
         return answer

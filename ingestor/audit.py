@@ -44,11 +44,12 @@ from ingestor import backoff, cancellation, cluster, dlq_format, kafka_preflight
 from ingestor import catalog as catalog_mod
 from ingestor.adjustments import Pacer
 from ingestor.clock import SYSTEM_CLOCK
-from ingestor.errors import Rejection
+from ingestor.errors import AuditError, CatalogError, Rejection, StripeUnreachable
 from ingestor.events import Decoder, parse_timestamp
 from ingestor.ledger import Ledger
 from ingestor.replay import read_snapshot
 from ingestor.settings import SettingsError, load
+from ingestor.stripe_http import AiohttpTransport, StripeHttp
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -66,10 +67,6 @@ SUMMARY_CONCURRENCY: Final = 8
 SETTLE_STEP_S: Final = 1.0
 PROGRESS_EVERY_S: Final = 0.25
 REPORT_REASON: Final = "stripe_async_error"
-
-
-class AuditError(Exception):
-    """The audit cannot be made (exit status 2); the message names the setting to look at."""
 
 
 Range = dict[TopicPartition, tuple[int, int]]
@@ -331,10 +328,8 @@ def _cancellation(record: Any) -> str | None:
 class Summaries:
     """Billed totals from `GET /v1/billing/meters/{id}/event_summaries`, paced and retried."""
 
-    def __init__(self, http: aiohttp.ClientSession, settings: Settings, start: int, end: int) -> None:
+    def __init__(self, http: StripeHttp, settings: Settings, start: int, end: int) -> None:
         self._http = http
-        self._base = settings.stripe_api_base
-        self._headers = {"Authorization": f"Bearer {settings.api_key}", "Stripe-Version": settings.stripe_version}
         self._pacer = Pacer(settings.effective_api_rps, SYSTEM_CLOCK)
         self._range = {"start_time": str(start), "end_time": str(end)}
         self._gate = asyncio.Semaphore(SUMMARY_CONCURRENCY)
@@ -347,36 +342,35 @@ class Summaries:
             row.billed = await self.billed(row.meter_id, row.customer)
 
     async def billed(self, meter_id: str, customer: str) -> int:
-        url = f"{self._base}/v1/billing/meters/{meter_id}/event_summaries"
+        path = f"/v1/billing/meters/{meter_id}/event_summaries"
         params = {"customer": customer, **self._range}
         problem = ""
         for attempt in range(1, SUMMARY_ATTEMPTS + 1):
             await self._pacer.acquire()
             try:
-                async with self._http.get(url, params=params, headers=self._headers) as resp:
-                    body = await resp.read()
-                    if resp.status == 200:
-                        return sum(int(s["aggregated_value"]) for s in orjson.loads(body)["data"])
-                    problem = f"{resp.status} {body[:200].decode('utf-8', 'replace')}"
-                    if resp.status < 500 and resp.status not in {409, 429}:
-                        break
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                problem = type(exc).__name__
+                reply = await self._http.request("GET", path, params=params)
+            except StripeUnreachable as exc:
+                problem = str(exc)
+            else:
+                if reply.status == 200:
+                    return sum(int(s["aggregated_value"]) for s in orjson.loads(reply.body)["data"])
+                error = self._http.error(reply)
+                problem = " ".join(filter(None, (str(reply.status), error.code_or_type, error.message)))
+                if reply.status < 500 and reply.status not in {409, 429}:
+                    break
             await asyncio.sleep(backoff.delay(attempt, 0.5, 5.0, 0.5))
         raise AuditError(
             f"INGESTOR_STRIPE_API_BASE / STRIPE_API_KEY: cannot read the event summaries of meter {meter_id} "
-            f"at {self._base}: {problem}"
+            f"at {self._http.base_url}: {problem}"
         )
 
 
-async def load_meters(http: aiohttp.ClientSession, settings: Settings) -> list[Meter]:
+async def load_meters(http: StripeHttp) -> list[Meter]:
     try:
-        found = await catalog_mod.fetch_from_stripe(
-            http, settings.stripe_api_base, settings.api_key, settings.stripe_version
-        )
-    except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        found = await catalog_mod.fetch_from_stripe(http)
+    except CatalogError as exc:
         raise AuditError(
-            f"INGESTOR_STRIPE_API_BASE / STRIPE_API_KEY: cannot read the meters at {settings.stripe_api_base}: {exc!r}"
+            f"INGESTOR_STRIPE_API_BASE / STRIPE_API_KEY: cannot read the meters at {http.base_url}: {exc!r}"
         ) from None
     return found.meters()
 
@@ -388,8 +382,15 @@ async def audit(settings: Settings, options: AuditOptions, *, err: TextIO = sys.
     """Read the topics and Stripe; the report (raises AuditError, KafkaError)."""
     report = Report(options, settings.topics)
     progress = Progress(err)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.request_timeout_s)) as http:
-        meters = await load_meters(http, settings)
+    async with aiohttp.ClientSession() as session:
+        http = StripeHttp(
+            AiohttpTransport(session),
+            settings.stripe_api_base,
+            stripe_version=settings.stripe_version,
+            timeout=settings.request_timeout_s,
+            api_key=settings.api_key,
+        )
+        meters = await load_meters(http)
         ledger = await expected(settings, options, meters, report, progress)
         by_name = {m.event_name: m for m in meters}
         report.rows = [

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ingestor.clock import SYSTEM_CLOCK, Clock
+from ingestor.errors import NoShareError
 
 DEFAULT_HEADROOM: Final = 0.03
 DEFAULT_BURST_SECONDS: Final = 0.02
@@ -84,10 +85,6 @@ DEFAULT_SEND_JITTER_S: Final = 0.1
 
 #: Absorbs float error at integer quotas (300 * 1/3 * 0.97 must give 97, not 96).
 _QUOTA_EPSILON: Final = 1e-9
-
-
-class NoShareError(RuntimeError):
-    """`RequestBudget.reserve` was called while this replica owns no partitions (rate 0)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,10 @@ Three sources (INGESTOR_METER_CATALOG): `stripe` reads `GET /v1/billing/meters` 
 INGESTOR_METER_REFRESH_S; `static` takes a JSON mapping from INGESTOR_METERS; `off` applies Stripe's
 default keys (`stripe_customer_id`, `value`) to every event_name and knows no meter.
 
-A read from Stripe is strict: each page request has a timeout and follows no redirect, and only a 200
-whose body is a Stripe list (`"object": "list"`, a `data` array) counts. Anything else is a
-`CatalogError` and the last catalog is kept: a proxy answering `200 {}` must not become an empty
-catalog that dead-letters every event as `meter_unknown`.
+A read from Stripe is strict: each page request goes through `ingestor.stripe_http` (a timeout, no
+redirect followed), and only a 200 whose body is a Stripe list (`"object": "list"`, a `data` array)
+counts. Anything else (no answer included) is a `CatalogError` and the last catalog is kept: a proxy
+answering `200 {}` must not become an empty catalog that dead-letters every event as `meter_unknown`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
-from ingestor.errors import Rejection
+from ingestor.errors import CatalogError as CatalogError  # noqa: PLC0414 - re-exported for settings.py
+from ingestor.errors import Rejection, StripeUnreachable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from ingestor.stripe_http import StripeHttp
 
 log = logging.getLogger("ingestor.catalog")
 
 DEFAULT_CUSTOMER_KEY = "stripe_customer_id"
 DEFAULT_VALUE_KEY = "value"
-#: Timeout of one page request (the worker passes INGESTOR_REQUEST_TIMEOUT_S).
-DEFAULT_TIMEOUT_S = 10.0
+METERS_PATH = "/v1/billing/meters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +79,6 @@ class MeterCatalog:
     def replace(self, other: MeterCatalog) -> None:
         self._meters = other._meters
         self.known = other.known
-
-
-class CatalogError(ValueError):
-    """The meter catalog could not be read or parsed; `status`: Stripe's HTTP status, when it answered one."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def from_static(text: str) -> MeterCatalog:
@@ -147,41 +140,38 @@ def meter_from_stripe(obj: dict[str, Any]) -> Meter:
     )
 
 
-async def fetch_from_stripe(
-    http: aiohttp.ClientSession,
-    api_base: str,
-    api_key: str,
-    stripe_version: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT_S,  # noqa: ASYNC109 - aiohttp's total timeout for each page request
-) -> MeterCatalog:
-    """Read every meter (active and inactive) with `GET /v1/billing/meters`, following pagination."""
+async def fetch_from_stripe(http: StripeHttp) -> MeterCatalog:
+    """Read every meter (active and inactive) with `GET /v1/billing/meters`, following pagination.
+
+    Raises `CatalogError` for anything but a full read (`status`: the HTTP status of a refused page).
+    """
     meters: list[Meter] = []
     params: dict[str, str] = {"limit": "100"}
-    headers = {"Authorization": f"Bearer {api_key}", "Stripe-Version": stripe_version}
-    options: dict[str, Any] = {"allow_redirects": False, "timeout": aiohttp.ClientTimeout(total=timeout)}
     for _ in range(1000):  # bounded: 100,000 meters
-        async with http.get(f"{api_base}/v1/billing/meters", params=params, headers=headers, **options) as resp:
-            body = await resp.read()
-            if resp.status != 200:
-                raise CatalogError(
-                    f"GET /v1/billing/meters answered {resp.status}{_redirect_note(resp.status)}", status=resp.status
-                )
-        data, has_more = _page(body)
+        data, has_more = _page(await _get_page(http, params))
         try:
             meters.extend(meter_from_stripe(obj) for obj in data if obj.get("event_name"))
             if not has_more or not data:
                 break
             params["starting_after"] = str(data[-1]["id"])
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise CatalogError(f"GET /v1/billing/meters answered an unexpected body ({type(exc).__name__})") from None
+            raise CatalogError(f"GET {METERS_PATH} answered an unexpected body ({type(exc).__name__})") from None
     # Two meters may share an event_name (one inactive): prefer the active one.
     meters.sort(key=lambda m: m.active)
     return MeterCatalog(meters, known=True)
 
 
-def _redirect_note(status: int) -> str:
-    return " (a redirect, not followed: check INGESTOR_STRIPE_API_BASE)" if 300 <= status < 400 else ""
+async def _get_page(http: StripeHttp, params: dict[str, str]) -> bytes:
+    try:
+        reply = await http.request("GET", METERS_PATH, params=params)
+    except StripeUnreachable as exc:
+        raise CatalogError(f"cannot read the meters: {exc}") from None
+    if reply.status != 200:
+        error = http.error(reply)
+        note = " (a redirect, not followed: check INGESTOR_STRIPE_API_BASE)" if 300 <= reply.status < 400 else ""
+        code = f" {error.code_or_type}" if error.code_or_type else ""
+        raise CatalogError(f"GET {METERS_PATH} answered {reply.status}{code}{note}", status=reply.status)
+    return reply.body
 
 
 def _page(body: bytes) -> tuple[list[Any], bool]:
@@ -189,7 +179,7 @@ def _page(body: bytes) -> tuple[list[Any], bool]:
     try:
         page = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise CatalogError("GET /v1/billing/meters answered an unexpected body (not JSON)") from None
+        raise CatalogError(f"GET {METERS_PATH} answered an unexpected body (not JSON)") from None
     if not isinstance(page, dict) or page.get("object") != "list" or not isinstance(page.get("data"), list):
-        raise CatalogError("GET /v1/billing/meters answered an unexpected body (not a Stripe list)")
+        raise CatalogError(f"GET {METERS_PATH} answered an unexpected body (not a Stripe list)")
     return page["data"], page.get("has_more") is True

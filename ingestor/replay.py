@@ -37,7 +37,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ingestor import cluster, dlq_format, kafka_preflight
-from ingestor.errors import REASONS
+from ingestor.errors import REASONS, ReplayError
 from ingestor.events import identifier_prefix
 from ingestor.settings import SETTINGS, KafkaConnection, SettingsError, load_kafka
 
@@ -57,10 +57,6 @@ FETCH_TIMEOUT_MS: Final = 1000
 #: Give up when no partition moves towards its snapshot end offset for this long.
 STALL_TIMEOUT_S: Final = 60.0
 NO_REASON: Final = "(none)"
-
-
-class ReplayError(Exception):
-    """The replay cannot go on; the message says why, for the command line."""
 
 
 # --- Kafka connection settings: the worker's KAFKA_* variables only ----------------------------------

@@ -5,16 +5,12 @@ Stream requests authenticate with a short-lived token from ``POST /v2/billing/me
 `needs_refresh`, `Backoff`. I/O: `create_session` (one HTTP call, failures classified) and
 `SessionManager` (the cache, a background rotator, single-flight refreshes).
 
-Errors::
-
-    SessionError                  base; ``retriable`` says whether trying again later can help
-    ├── SessionAuthError          401/403: the API key is wrong or lacks permission (not retriable)
-    └── SessionUnavailable        429, 408, 409, 5xx, 3xx and 2xx but 200, connection errors, timeouts
-                                  (retriable)
-
-A malformed 200 response is a plain `SessionError` with code ``malformed_response`` (retriable); other
-4xx answers are plain, not retriable. Only a 200 is a session: a redirect (never followed) or another
-2xx is a `SessionUnavailable` with code ``unexpected_answer`` (a wrong INGESTOR_STRIPE_API_BASE, a proxy).
+Errors (`ingestor.errors`): `SessionAuthError` (401/403: the API key is wrong or lacks permission, not
+retriable), `SessionUnavailable` (429, 408, 409, 5xx, no answer: retriable), else a plain `SessionError`:
+a malformed 200 response (code ``malformed_response``, retriable), another 4xx (not retriable). Only a
+200 is a session: a redirect (never followed) or another 2xx is a `SessionUnavailable` with code
+``unexpected_answer`` (a wrong INGESTOR_STRIPE_API_BASE, a proxy). The request itself (headers, timeout,
+no redirects, reading the error body) is `ingestor.stripe_http`'s.
 Neither the API key nor a token ever appears in a message or log.
 """
 
@@ -31,15 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import aiohttp
 import orjson
 
 from ingestor import backoff
 from ingestor.clock import SYSTEM_CLOCK, Clock
+from ingestor.errors import SessionAuthError, SessionError, SessionUnavailable, StripeUnreachable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
+
+    from ingestor.stripe_http import ErrorDetails, StripeHttp
 
 logger = logging.getLogger("ingestor.session")
 
@@ -57,35 +55,7 @@ REAUTH_FIRST_INTERVAL_S: Final = 1.0
 #: ...up to this; a refused token that served at least this long starts a new streak (created at once).
 REAUTH_MAX_INTERVAL_S: Final = 30.0
 _MESSAGE_LIMIT: Final = 200
-_SECRET_PATTERN: Final = re.compile(r"\b(?:sk|rk|ek|pk)_(?:live|test)_[A-Za-z0-9_*]+|Bearer\s+\S+")
 _RFC3339: Final = re.compile(r"^(?P<head>[^.]+)(?:\.(?P<fraction>\d+))?(?P<zone>Z|z|[+-]\d\d:\d\d)$")
-
-
-class SessionError(Exception):
-    """Creating a meter event session failed. ``code``: Stripe's error code or our own short code."""
-
-    retriable: bool = False
-
-    def __init__(
-        self, message: str, *, code: str | None = None, status: int | None = None, retriable: bool | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-        if retriable is not None:
-            self.retriable = retriable
-
-
-class SessionAuthError(SessionError):
-    """401/403: the secret key is wrong, revoked or lacks permission. Retrying will not help."""
-
-    retriable = False
-
-
-class SessionUnavailable(SessionError):  # noqa: N818 - reads as a state, like httpx's names
-    """429, 5xx, a timeout or a connection error: try again later."""
-
-    retriable = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,77 +142,41 @@ def parse_session_response(body: bytes, received_at_monotonic: float) -> Session
     return SessionGrant(token, session_id, livemode, ttl, received_at_monotonic + ttl)
 
 
-def _redact(text: str, api_key: str) -> str:
-    """Cut anything that looks like a key or token (Stripe echoes a masked key in 401 messages)."""
-    if api_key:
-        text = text.replace(api_key, "[redacted]")
-    return _SECRET_PATTERN.sub("[redacted]", text)[:_MESSAGE_LIMIT]
-
-
-def _stripe_error(body: bytes) -> tuple[str | None, str | None, str | None]:
-    """(type, code, message) of a Stripe error body; Nones when it is not one."""
-    with contextlib.suppress(orjson.JSONDecodeError):
-        data = orjson.loads(body)
-        error = data.get("error") if isinstance(data, dict) else None
-        if isinstance(error, dict):
-            fields = (error.get("type"), error.get("code"), error.get("message"))
-            return tuple(v if isinstance(v, str) else None for v in fields)  # type: ignore[return-value]
-    return None, None, None
-
-
-def classify_failure(status: int, headers: dict[str, str], body: bytes, api_key: str) -> SessionError:
-    """The error for a non-2xx answer to the session request."""
-    kind, code, message = _stripe_error(body)
+def classify_failure(error: ErrorDetails) -> SessionError:
+    """The error for an answer to the session request other than a 200 (`error`: already redacted)."""
+    status, kind, code = error.status, error.type, error.code
     detail = f"HTTP {status}" + (f" {kind}/{code}" if kind or code else "")
-    if message:
-        detail += f": {_redact(message, api_key)}"
-    if request_id := headers.get("Request-Id"):
-        detail += f" (request {request_id})"
+    if error.message:
+        detail += f": {error.message[:_MESSAGE_LIMIT]}"
+    if error.request_id:
+        detail += f" (request {error.request_id})"
     text = f"creating a meter event session failed: {detail}"
     if status < 400:
-        where = f" (a redirect to {headers.get('Location', '?')[:200]!r}, not followed)" if status >= 300 else ""
+        where = f" (a redirect to {error.location!r}, not followed)" if status >= 300 else ""
         return SessionUnavailable(text + where, code="unexpected_answer", status=status)
-    should_retry = headers.get("Stripe-Should-Retry")
+    code = code or f"http_{status}"
     if status in {401, 403}:
-        return SessionAuthError(text, code=code or f"http_{status}", status=status)
-    if should_retry == "true" or (should_retry != "false" and (status in {408, 409, 429} or status >= 500)):
-        return SessionUnavailable(text, code=code or f"http_{status}", status=status)
-    return SessionError(text, code=code or f"http_{status}", status=status)
+        return SessionAuthError(text, code=code, status=status)
+    retry = error.should_retry
+    if retry is True or (retry is None and (status in {408, 409, 429} or status >= 500)):
+        return SessionUnavailable(text, code=code, status=status)
+    return SessionError(text, code=code, status=status)
 
 
-async def create_session(  # noqa: PLR0913 - the brief's signature, plus the clock to measure with
-    http: aiohttp.ClientSession,
-    api_base: str,
-    api_key: str,
-    stripe_version: str,
-    timeout: float,  # noqa: ASYNC109 - aiohttp's total timeout for this one request
-    *,
-    clock: Clock = SYSTEM_CLOCK,
-) -> SessionGrant:
-    """``POST {api_base}/v2/billing/meter_event_session``; raises a classified `SessionError`.
+async def create_session(http: StripeHttp, *, clock: Clock = SYSTEM_CLOCK) -> SessionGrant:
+    """``POST /v2/billing/meter_event_session`` on the API host; raises a classified `SessionError`.
 
     The expiry is counted from when the request was *sent*: the server created the token later than
     that, so the local expiry errs early by at most one round trip, never late.
     """
-    url = api_base.rstrip("/") + SESSION_PATH
-    headers = {"Authorization": f"Bearer {api_key}", "Stripe-Version": stripe_version}
     sent_at = clock.monotonic()
     try:
-        async with http.post(
-            url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as response:
-            body = await response.read()
-            status, response_headers = response.status, dict(response.headers)
-    except TimeoutError:
-        raise SessionUnavailable(
-            f"creating a meter event session timed out after {timeout} s", code="timeout"
-        ) from None
-    except aiohttp.ClientError as exc:
-        text = _redact(f"{type(exc).__name__}: {exc}", api_key)
-        raise SessionUnavailable(f"cannot reach {url}: {text}", code="connection_error") from None
-    if status == 200:
-        return parse_session_response(body, sent_at)
-    raise classify_failure(status, response_headers, body, api_key)
+        reply = await http.request("POST", SESSION_PATH)
+    except StripeUnreachable as exc:
+        raise SessionUnavailable(f"creating a meter event session failed: {exc}", code=exc.code) from None
+    if reply.status == 200:
+        return parse_session_response(reply.body, sent_at)
+    raise classify_failure(http.error(reply))
 
 
 @dataclass(frozen=True, slots=True)

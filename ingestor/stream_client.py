@@ -1,7 +1,7 @@
 """One POST per batch to the meter event stream, and what its answer means.
 
-`classify` is pure: (status, headers, body) -> `Answer`. `StreamClient` is the thin I/O shell; the HTTP
-transport is a Protocol so tests can swap it at the boundary. Redirects are never followed.
+`classify` is pure: (status, headers, body) -> `Answer`. `StreamClient` is the thin I/O shell over
+`ingestor.stripe_http` (headers, the timeout, no redirects, the error body, the `Transport` seam).
 
 | answer | outcome |
 | --- | --- |
@@ -25,13 +25,17 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
+
+from ingestor.errors import StripeUnreachable
+from ingestor.stripe_http import describe_unexpected, read_error
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from ingestor.stripe_http import StripeHttp
 
 STREAM_PATH = "/v2/billing/meter_event_stream"
 _INDEX = re.compile(r"events\[(\d+)\]")
@@ -62,14 +66,6 @@ ACCEPTED = Answer(Outcome.ACCEPTED, 200)
 _SUCCESS_BODY = b"{}"
 
 
-def _error_fields(body: bytes) -> tuple[str, str]:
-    try:
-        error = orjson.loads(body).get("error") or {}
-        return str(error.get("code") or error.get("type") or ""), str(error.get("message") or "")
-    except (orjson.JSONDecodeError, AttributeError):
-        return "", body[:200].decode("utf-8", "replace")
-
-
 def _bad_index(code: str, message: str) -> int | None:
     match = _INDEX.search(message) or _INDEX.search(code)
     return int(match.group(1)) if match else None
@@ -84,72 +80,36 @@ def _is_success_body(body: bytes) -> bool:
         return False
 
 
-def _unexpected(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
-    if 300 <= status < 400:
-        detail = f"a redirect (to {headers.get('Location', '?')[:200]!r}), not followed"
-    else:
-        detail = f"body {body[:100].decode('utf-8', 'replace')!r}"
-    return Answer(Outcome.UNEXPECTED, status, "unexpected_answer", f"HTTP {status} with {detail}")
-
-
 def classify(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
     """What a stream answer means for the batch that was sent."""
     if status == 200 and _is_success_body(body):
         return ACCEPTED
     if status < 400:
-        return _unexpected(status, headers, body)
-    code, message = _error_fields(body)
+        return Answer(Outcome.UNEXPECTED, status, "unexpected_answer", describe_unexpected(status, headers, body))
+    error = read_error(status, headers, body)
+    code, message = error.code_or_type, error.message
     if status == 401:
         return Answer(Outcome.REAUTH, status, code, message)
-    should_retry = headers.get("Stripe-Should-Retry", "").lower()
-    if status == 413 or (status == 400 and should_retry != "true"):
+    if status == 413 or (status == 400 and error.should_retry is not True):
         return Answer(Outcome.REJECTED, status, code, message, bad_index=_bad_index(code, message))
-    reason = headers.get("Stripe-Rate-Limited-Reason", "") if status == 429 else ""
+    reason = error.rate_limited_reason if status == 429 else ""
     return Answer(Outcome.RETRY, status, code, message, rate_limit_reason=reason)
 
 
-class Transport(Protocol):
-    """POST bytes, return (status, headers, body). Raises OSError/TimeoutError/aiohttp.ClientError."""
-
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]: ...
-
-
-class AiohttpTransport:
-    """The production transport: one shared aiohttp session with keep-alive connections.
-
-    Redirects are not followed: aiohttp would turn the POST into a GET, and whatever answered it
-    would be taken for Stripe's verdict on the batch.
-    """
-
-    def __init__(self, http: aiohttp.ClientSession, timeout: float) -> None:
-        self._http = http
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        async with self._http.post(
-            url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
-        ) as resp:
-            return resp.status, resp.headers, await resp.read()
+def unreachable(exc: StripeUnreachable) -> Answer:
+    """No answer at all (a timeout, a connection error): retried."""
+    return Answer(Outcome.RETRY, 0, exc.code, str(exc))
 
 
 class StreamClient:
     """Sends one batch body with a session token and classifies the answer. Never raises for I/O."""
 
-    def __init__(self, transport: Transport, meter_events_base: str, stripe_version: str) -> None:
-        self._transport = transport
-        self._url = meter_events_base + STREAM_PATH
-        self._version = stripe_version
+    def __init__(self, http: StripeHttp) -> None:
+        self._http = http
 
     async def send(self, body: bytes, token: str) -> Answer:
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-            "Stripe-Version": self._version,
-        }
         try:
-            status, resp_headers, resp_body = await self._transport.post(self._url, body, headers)
-        except TimeoutError:
-            return Answer(Outcome.RETRY, 0, "timeout", "the request timed out")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Answer(Outcome.RETRY, 0, "connection_error", type(exc).__name__)
-        return classify(status, resp_headers, resp_body)
+            reply = await self._http.request("POST", STREAM_PATH, body=body, token=token)
+        except StripeUnreachable as exc:
+            return unreachable(exc)
+        return classify(reply.status, reply.headers, reply.body)

@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from ingestor import __version__, dlq_format
+from ingestor.errors import SignatureError, WebhookPayloadError
 from ingestor.timefmt import format_datetime
 
 if TYPE_CHECKING:
@@ -51,18 +52,6 @@ UNKNOWN_TYPE: Final = "unknown"
 MAX_TIMESTAMP_DIGITS: Final = 12
 #: Longest `ingestor.message` header written (as the dead-letter writer does).
 MAX_MESSAGE_CHARS: Final = 1000
-
-
-class WebhookError(Exception):
-    """A delivery that is refused with a 4xx (Stripe retries it, but it will fail the same way)."""
-
-
-class SignatureError(WebhookError):
-    """The `Stripe-Signature` header is missing, malformed, wrong or outside the tolerance."""
-
-
-class WebhookPayloadError(WebhookError):
-    """The body is not JSON, or an error report lacks a field it must have."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,15 +42,17 @@ from ingestor.budget import BudgetGate, BudgetPolicy, RequestBudget
 from ingestor.clock import SYSTEM_CLOCK, Clock
 from ingestor.deadletter import DEFAULT_TOPIC_MAX_BYTES, DeadLetterWriter, TopicLimit
 from ingestor.delivery import Delivery
+from ingestor.errors import SessionAuthError, SessionError
 from ingestor.events import Decoder
 from ingestor.meter_refresh import UnknownMeterHold
 from ingestor.metrics import Metrics
 from ingestor.observability import HealthState, http_app, start_site
 from ingestor.offsets import Chunk, OffsetTracker
 from ingestor.partition_health import PartitionWatch
-from ingestor.session import SessionAuthError, SessionError, SessionManager, create_session
+from ingestor.session import SessionManager, create_session
 from ingestor.settings import SettingsError
-from ingestor.stream_client import AiohttpTransport, StreamClient
+from ingestor.stream_client import StreamClient
+from ingestor.stripe_http import AiohttpTransport, StripeHttp
 from ingestor.transactions import PartitionTransactions, due_letters
 from ingestor.webhook import webhook_app
 
@@ -131,6 +133,7 @@ class Worker:
         self._first_offsets: dict[TopicPartition, int] = {}
         self._exit = contextlib.AsyncExitStack()
         self._http: aiohttp.ClientSession | None = None
+        self._stripe: StripeHttp | None = None
         self.consumer: Any = None
         self.producer: Any = None
         self.sessions: SessionManager | None = None
@@ -163,10 +166,19 @@ class Worker:
         connector = aiohttp.TCPConnector(limit=s.max_in_flight + 8, ttl_dns_cache=300, keepalive_timeout=30)
         self._http = aiohttp.ClientSession(connector=connector)
         self._exit.push_async_callback(self._http.close)
+        transport = AiohttpTransport(self._http)
+        self._stripe = stripe = StripeHttp(
+            transport,
+            s.stripe_api_base,
+            stripe_version=s.stripe_version,
+            timeout=s.request_timeout_s,
+            api_key=s.api_key,
+        )
+        meter_events = StripeHttp(
+            transport, s.stripe_meter_events_base, stripe_version=s.stripe_version, timeout=s.request_timeout_s
+        )
         self.sessions = SessionManager(
-            functools.partial(
-                create_session, self._http, s.stripe_api_base, s.api_key, s.stripe_version, s.request_timeout_s
-            ),
+            functools.partial(create_session, stripe),
             clock=self.clock,
             margin_seconds=s.session_refresh_margin_s,
         )
@@ -195,9 +207,7 @@ class Worker:
         if s.webhook_port:
             await self._start_webhook()
         self.delivery = Delivery(
-            client=StreamClient(
-                AiohttpTransport(self._http, s.request_timeout_s), s.stripe_meter_events_base, s.stripe_version
-            ),
+            client=StreamClient(meter_events),
             sessions=self.sessions,
             budget=self.gate,
             dead_letters=self.dead_letters,
@@ -209,9 +219,7 @@ class Worker:
             retry_deadline=s.retry_deadline_s,
         )
         self.adjuster = Adjuster(
-            client=AdjustmentClient(
-                AiohttpTransport(self._http, s.request_timeout_s), s.stripe_api_base, s.api_key, s.stripe_version
-            ),
+            client=AdjustmentClient(stripe),
             tracker=self.tracker,
             dead_letters=self.dead_letters,
             metrics=self.metrics,
@@ -347,18 +355,13 @@ class Worker:
                     raise _key_refused("reading the meter catalog (GET /v1/billing/meters)", exc.status) from None
                 log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
                 await asyncio.sleep(CATALOG_RETRY_S)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.error("cannot read the meter catalog from Stripe; retrying", extra={"error": str(exc)})  # noqa: TRY400
-                await asyncio.sleep(CATALOG_RETRY_S)
             else:
                 log.info("meter catalog loaded", extra={"meters": len(self.catalog)})
                 return
 
     async def _fetch_catalog(self) -> catalog_mod.MeterCatalog:
-        assert self._http is not None
-        s = self.settings
-        http, base, key, version = self._http, s.stripe_api_base, s.api_key, s.stripe_version
-        return await catalog_mod.fetch_from_stripe(http, base, key, version, timeout=s.request_timeout_s)
+        assert self._stripe is not None
+        return await catalog_mod.fetch_from_stripe(self._stripe)
 
     def request_stop(self) -> None:
         """Stop fetching; `run` drains and returns."""
@@ -715,7 +718,7 @@ class Worker:
     async def _refresh_catalog(self) -> None:
         try:
             self.catalog.replace(await self._fetch_catalog())
-        except (catalog_mod.CatalogError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except catalog_mod.CatalogError as exc:
             log.warning("meter catalog refresh failed; keeping the last one", extra={"error": str(exc)})
 
     async def _unknown_meter_loop(self) -> None:

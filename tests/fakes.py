@@ -1,10 +1,24 @@
-"""Fakes at the boundaries, shared by the tests: a virtual clock that tests move by hand."""
+"""Fakes at the boundaries, shared by the tests: a virtual clock that tests move by hand, a loopback HTTP
+server and a Stripe HTTP layer over a real aiohttp session."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from ingestor.observability import start_site
+from ingestor.settings import DEFAULT_STRIPE_VERSION as STRIPE_VERSION
+from ingestor.stripe_http import AiohttpTransport, StripeHttp
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
 
 #: Event-loop turns `FakeClock.advance` gives woken tasks to run before it looks at the clock again.
 SETTLE_TURNS = 50
@@ -61,3 +75,35 @@ class FakeClock:
             await settle()
         self.now = max(self.now, target)
         await settle()
+
+
+@contextlib.asynccontextmanager
+async def loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 (an ephemeral port); yields its base URL."""
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def add_landing(app: web.Application, body: bytes) -> list[str]:
+    """`/landing` (any method) answers `body` as JSON and records each caller's method: where a redirect
+    points, so that a test can show nothing followed it."""
+    landed: list[str] = []
+
+    async def landing(request: web.Request) -> web.Response:
+        landed.append(request.method)
+        return web.Response(body=body, content_type="application/json")
+
+    app.router.add_route("*", "/landing", landing)
+    return landed
+
+
+@contextlib.asynccontextmanager
+async def stripe_http(base: str, *, api_key: str = "sk_test_x", timeout: float = 5.0) -> AsyncIterator[StripeHttp]:
+    """The production Stripe HTTP layer (aiohttp) against `base`."""
+    async with aiohttp.ClientSession() as session:
+        yield StripeHttp(
+            AiohttpTransport(session), base, stripe_version=STRIPE_VERSION, timeout=timeout, api_key=api_key
+        )

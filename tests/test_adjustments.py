@@ -15,8 +15,9 @@ from ingestor.catalog import MeterCatalog
 from ingestor.events import Decoder
 from ingestor.metrics import Metrics
 from ingestor.offsets import OffsetTracker, TopicPartition
+from ingestor.stripe_http import StripeHttp
 from tests.corpus import FakeRecord, event_bytes
-from tests.fakes import FakeClock, settle
+from tests.fakes import STRIPE_VERSION, FakeClock, settle
 
 NOW = 1_767_225_600.0
 TP = TopicPartition("usage", 0)
@@ -118,7 +119,11 @@ class Answering:
     answers: list[tuple[int, dict[str, Any]]]
     sent: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
 
-    async def post(self, url: str, body: bytes, headers: Any) -> tuple[int, dict[str, str], bytes]:
+    async def request(
+        self, method: str, url: str, headers: Any, body: bytes | None, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        assert (method, timeout) == ("POST", 5.0)
+        assert body is not None
         self.sent.append((url, orjson.loads(body), dict(headers)))
         status, answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         return status, {}, orjson.dumps(answer)
@@ -139,7 +144,9 @@ def make_adjuster(transport: Answering, clock: FakeClock, deadline: float = 0.0)
     tracker.assign(TP)
     letters = Letters(tracker)
     adjuster = Adjuster(
-        client=AdjustmentClient(transport, "http://stripe.test", "sk_test_x", "2026-06-24.dahlia"),  # type: ignore[arg-type]
+        client=AdjustmentClient(
+            StripeHttp(transport, "http://stripe.test", stripe_version=STRIPE_VERSION, timeout=5.0, api_key="sk_test_x")
+        ),
         tracker=tracker,
         dead_letters=letters,  # type: ignore[arg-type]
         metrics=Metrics(),
@@ -185,6 +192,8 @@ async def test_a_cancellation_waits_until_every_earlier_record_of_its_partition_
     assert url == "http://stripe.test/v2/billing/meter_event_adjustments"
     assert body == {"event_name": "api_requests", "type": "cancel", "cancel": {"identifier": "evt-0"}}
     assert headers["Authorization"] == "Bearer sk_test_x"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Stripe-Version"] == "2026-06-24.dahlia"
     sent_record = FakeRecord("usage", 0, 1, int(NOW * 1000), None, cancel_bytes("evt-0"), ())
     assert headers["Idempotency-Key"] == idempotency_key(sent_record)
     assert cancel.pending == 0

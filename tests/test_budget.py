@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from ingestor.budget import (
     BudgetGate,
     BudgetPolicy,
-    NoShareError,
     RequestBudget,
     SendWindow,
     pacing,
     share_of,
 )
+from ingestor.errors import NoShareError
 from tests.fakes import FakeClock, settle
 
 #: Send times that float error puts a hair inside a window edge must not count as a violation.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -14,19 +14,21 @@ from aiohttp import web
 from ingestor.catalog import (
     DEFAULT_CUSTOMER_KEY,
     DEFAULT_METER,
-    DEFAULT_TIMEOUT_S,
     DEFAULT_VALUE_KEY,
-    CatalogError,
     Meter,
     MeterCatalog,
     fetch_from_stripe,
     from_static,
     meter_from_stripe,
 )
-from ingestor.errors import Rejection
+from ingestor.errors import CatalogError, Rejection
+from ingestor.stripe_http import StripeHttp
+from tests.fakes import STRIPE_VERSION, add_landing, loopback, stripe_http
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+    from ingestor.stripe_http import Transport
 
 
 def stripe_meter(event_name: str = "api_requests", **fields: Any) -> dict[str, Any]:
@@ -199,40 +201,39 @@ def test_minimal_stripe_meter() -> None:
     assert meter_from_stripe({"event_name": "e"}) == Meter("e")
 
 
-class FakeResponse:
-    def __init__(self, status: int, body: Any) -> None:
-        self.status = status
-        self.body = orjson.dumps(body)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def read(self) -> bytes:
-        return self.body
-
-
-class FakeHttp:
-    """Serves `GET /v1/billing/meters` pages of `page_size`, honouring `starting_after`."""
+class FakeTransport:
+    """A `Transport` serving `GET /v1/billing/meters` pages of `page_size`, honouring `starting_after`."""
 
     def __init__(self, meters: list[dict[str, Any]], page_size: int = 2, status: int = 200) -> None:
         self.meters = meters
         self.page_size = page_size
         self.status = status
-        self.calls: list[tuple[str, dict[str, str], dict[str, str]]] = []
-        self.options: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, str, dict[str, str], dict[str, str], float]] = []
 
-    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str], **options: Any) -> FakeResponse:
-        self.calls.append((url, dict(params), dict(headers)))
-        self.options.append(options)
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query))
+        self.calls.append((method, f"{parts.scheme}://{parts.netloc}{parts.path}", params, dict(headers), timeout))
         start = 0
         if "starting_after" in params:
             start = 1 + next(i for i, m in enumerate(self.meters) if m["id"] == params["starting_after"])
         page = self.meters[start : start + self.page_size]
-        body = {"object": "list", "data": page, "has_more": start + self.page_size < len(self.meters)}
-        return FakeResponse(self.status, body)
+        answer = {"object": "list", "data": page, "has_more": start + self.page_size < len(self.meters)}
+        return self.status, {}, orjson.dumps(answer)
+
+
+class GarbageTransport:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def request(self, *_: Any) -> tuple[int, dict[str, str], bytes]:
+        return 200, {}, self.body
+
+
+def over(transport: Transport, base: str = "http://stripe.test") -> StripeHttp:
+    return StripeHttp(transport, base, stripe_version=STRIPE_VERSION, timeout=7.5, api_key="sk_test_x")
 
 
 async def test_fetch_from_stripe_follows_pages_and_prefers_active_meters() -> None:
@@ -243,8 +244,8 @@ async def test_fetch_from_stripe_follows_pages_and_prefers_active_meters() -> No
         stripe_meter("c", status="inactive") | {"id": "mtr_c_old"},
         {"id": "mtr_no_name", "event_name": ""},
     ]
-    http = FakeHttp(meters)
-    catalog = await fetch_from_stripe(http, "http://stripe.test", "sk_test_x", "2024-09-30.acacia")  # type: ignore[arg-type]
+    transport = FakeTransport(meters)
+    catalog = await fetch_from_stripe(over(transport))
     assert catalog.known
     assert len(catalog) == 3
     assert catalog.lookup("a").meter_id == "mtr_a"
@@ -253,26 +254,20 @@ async def test_fetch_from_stripe_follows_pages_and_prefers_active_meters() -> No
     with pytest.raises(Rejection) as info:
         catalog.lookup("b")
     assert info.value.reason == "meter_inactive"
-    assert [c[1].get("starting_after") for c in http.calls] == [None, "mtr_b", "mtr_c_old"]
-    url, params, headers = http.calls[0]
-    assert url == "http://stripe.test/v1/billing/meters"
+    assert [c[2].get("starting_after") for c in transport.calls] == [None, "mtr_b", "mtr_c_old"]
+    method, url, params, headers, _ = transport.calls[0]
+    assert (method, url) == ("GET", "http://stripe.test/v1/billing/meters")
     assert params["limit"] == "100"
-    assert headers == {"Authorization": "Bearer sk_test_x", "Stripe-Version": "2024-09-30.acacia"}
+    assert headers["Authorization"] == "Bearer sk_test_x"
+    assert headers["Stripe-Version"] == STRIPE_VERSION
+    assert {call[4] for call in transport.calls} == {7.5}  # every page has the timeout
 
 
-async def test_fetch_from_stripe_refuses_an_error_answer() -> None:
-    with pytest.raises(CatalogError, match="401"):
-        await fetch_from_stripe(FakeHttp([], status=401), "http://s", "k", "v")  # type: ignore[arg-type]
-
-
-class GarbageHttp:
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def get(self, url: str, *, params: dict[str, str], headers: dict[str, str], **_: Any) -> FakeResponse:
-        response = FakeResponse(200, None)
-        response.body = self.body
-        return response
+@pytest.mark.parametrize("status", [401, 403, 500])
+async def test_fetch_from_stripe_refuses_an_error_answer(status: int) -> None:
+    with pytest.raises(CatalogError, match=str(status)) as caught:
+        await fetch_from_stripe(over(FakeTransport([], status=status)))
+    assert caught.value.status == status
 
 
 @pytest.mark.parametrize(
@@ -290,7 +285,7 @@ class GarbageHttp:
 )
 async def test_fetch_from_stripe_turns_an_unexpected_body_into_a_catalog_error(body: bytes) -> None:
     with pytest.raises(CatalogError, match="unexpected body"):
-        await fetch_from_stripe(GarbageHttp(body), "http://s", "k", "v")  # type: ignore[arg-type]
+        await fetch_from_stripe(over(GarbageTransport(body)))
 
 
 @contextlib.asynccontextmanager
@@ -298,25 +293,11 @@ async def meters_server(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """`GET /v1/billing/meters` served by `handler`; `/landing` lists one meter and records its callers."""
-    landed: list[str] = []
-
-    async def landing(request: web.Request) -> web.Response:
-        landed.append(request.method)
-        body = {"object": "list", "data": [stripe_meter("a")], "has_more": False}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
-
     app = web.Application()
     app.router.add_get("/v1/billing/meters", handler)
-    app.router.add_route("*", "/landing", landing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}", landed
-    finally:
-        await runner.cleanup()
+    landed = add_landing(app, orjson.dumps({"object": "list", "data": [stripe_meter("a")], "has_more": False}))
+    async with loopback(app) as base:
+        yield base, landed
 
 
 @pytest.mark.parametrize("status", [301, 302, 307])
@@ -324,9 +305,10 @@ async def test_fetch_from_stripe_follows_no_redirect(status: int) -> None:
     async def redirect(_: web.Request) -> web.Response:
         return web.Response(status=status, headers={"Location": "/landing"})
 
-    async with meters_server(redirect) as (base, landed), aiohttp.ClientSession() as http:
-        with pytest.raises(CatalogError, match="redirect"):
-            await fetch_from_stripe(http, base, "sk_test_x", "v")
+    async with meters_server(redirect) as (base, landed), stripe_http(base) as http:
+        with pytest.raises(CatalogError, match="redirect") as caught:
+            await fetch_from_stripe(http)
+    assert caught.value.status == status
     assert landed == []
 
 
@@ -337,18 +319,10 @@ async def test_fetch_from_stripe_times_out() -> None:
         await release.wait()
         return web.Response(body=b"{}")
 
-    async with meters_server(hang) as (base, _), aiohttp.ClientSession() as http:
+    async with meters_server(hang) as (base, _), stripe_http(base, timeout=0.2) as http:
         try:
-            with pytest.raises(TimeoutError):
-                await fetch_from_stripe(http, base, "sk_test_x", "v", timeout=0.2)
+            with pytest.raises(CatalogError, match=r"no answer within 0\.2 s") as caught:
+                await fetch_from_stripe(http)
         finally:
             release.set()
-
-
-async def test_fetch_from_stripe_sets_a_timeout_on_every_page_by_default() -> None:
-    http = FakeHttp([stripe_meter("a"), stripe_meter("b"), stripe_meter("c")])
-    await fetch_from_stripe(http, "http://s", "k", "v")  # type: ignore[arg-type]
-    assert len(http.options) == 2
-    for options in http.options:
-        assert options["allow_redirects"] is False
-        assert options["timeout"].total == DEFAULT_TIMEOUT_S
+    assert caught.value.status is None

@@ -10,22 +10,19 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ingestor.errors import SessionAuthError, SessionError, SessionUnavailable
 from ingestor.session import (
     REAUTH_MAX_INTERVAL_S,
     SESSION_PATH,
     Backoff,
-    SessionAuthError,
-    SessionError,
     SessionGrant,
     SessionManager,
-    SessionUnavailable,
     classify_failure,
     create_session,
     needs_refresh,
@@ -35,7 +32,8 @@ from ingestor.session import (
     reauth_streak,
     refresh_at,
 )
-from tests.fakes import FakeClock, settle
+from ingestor.stripe_http import read_error
+from tests.fakes import STRIPE_VERSION, FakeClock, add_landing, loopback, settle, stripe_http
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -188,7 +186,7 @@ def test_backoff_defaults() -> None:
     ],
 )
 def test_classify_failure(status: int, headers: dict[str, str], kind: type[SessionError], retriable: bool) -> None:
-    error = classify_failure(status, headers, b"not json", API_KEY)
+    error = classify_failure(read_error(status, headers, b"not json", secrets=(API_KEY,)))
     assert type(error) is kind
     assert error.retriable is retriable
     assert error.status == status
@@ -205,7 +203,7 @@ def test_classify_failure_reads_the_stripe_error_and_redacts_keys() -> None:
             }
         }
     )
-    error = classify_failure(401, {"Request-Id": "req_42"}, body, API_KEY)
+    error = classify_failure(read_error(401, {"Request-Id": "req_42"}, body, secrets=(API_KEY,)))
     text = str(error)
     assert error.code == "api_key_expired"
     assert "invalid_request_error/api_key_expired" in text
@@ -222,15 +220,8 @@ def test_classify_failure_reads_the_stripe_error_and_redacts_keys() -> None:
 async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post(SESSION_PATH, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}/"
-    finally:
-        await runner.cleanup()
+    async with loopback(app) as base:
+        yield f"{base}/"
 
 
 def stripe_error(status: int, code: str, message: str) -> web.Response:
@@ -246,14 +237,15 @@ async def test_create_session_200() -> None:
         seen["body"] = (await request.read()).decode()
         return web.Response(body=session_body(ttl=900), content_type="application/json")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY) as http:
         before = time.monotonic()
-        got = await create_session(http, base, API_KEY, "2024-09-30.acacia", 5.0)
+        got = await create_session(http)
     assert got.token == TOKEN
     assert got.ttl_seconds == 900.0
     assert before + 900 <= got.expires_monotonic <= time.monotonic() + 900
     assert seen["Authorization"] == f"Bearer {API_KEY}"
-    assert seen["Stripe-Version"] == "2024-09-30.acacia"
+    assert seen["Stripe-Version"] == STRIPE_VERSION
+    assert seen["User-Agent"].startswith("ingestor/")
     assert seen["body"] == ""
 
 
@@ -261,9 +253,9 @@ async def test_create_session_401_is_an_auth_error_without_the_key() -> None:
     async def handler(request: web.Request) -> web.Response:
         return stripe_error(401, "api_key_expired", f"Expired API Key provided: {API_KEY}")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY) as http:
         with pytest.raises(SessionAuthError) as caught:
-            await create_session(http, base, API_KEY, "v", 5.0)
+            await create_session(http)
     assert not caught.value.retriable
     assert caught.value.code == "api_key_expired"
     assert API_KEY not in str(caught.value)
@@ -274,9 +266,9 @@ async def test_create_session_retriable_statuses(status: int) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=status, text="oops")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY) as http:
         with pytest.raises(SessionUnavailable) as caught:
-            await create_session(http, base, API_KEY, "v", 5.0)
+            await create_session(http)
     assert caught.value.retriable
     assert caught.value.status == status
 
@@ -285,9 +277,9 @@ async def test_create_session_malformed_json() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=b'{"id": "mes_1", "authentication_token": ', content_type="application/json")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY) as http:
         with pytest.raises(SessionError, match="not JSON") as caught:
-            await create_session(http, base, API_KEY, "v", 5.0)
+            await create_session(http)
     assert caught.value.code == "malformed_response"
 
 
@@ -296,29 +288,15 @@ async def test_create_session_malformed_json() -> None:
     [(301, {"Location": "/landing"}), (302, {"Location": "/landing"}), (307, {"Location": "/landing"}), (201, {})],
 )
 async def test_create_session_takes_only_a_200_and_follows_no_redirect(status: int, headers: dict[str, str]) -> None:
-    landed: list[str] = []
-
-    async def landing(request: web.Request) -> web.Response:  # would hand out a perfectly good session
-        landed.append(request.method)
-        return web.Response(body=session_body(), content_type="application/json")
-
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=status, headers=headers, body=session_body() if status < 300 else b"")
 
     app = web.Application()
     app.router.add_post(SESSION_PATH, handler)
-    app.router.add_route("*", "/landing", landing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        async with aiohttp.ClientSession() as http:
-            with pytest.raises(SessionUnavailable) as caught:
-                await create_session(http, f"http://{host}:{port}", API_KEY, "v", 5.0)
-    finally:
-        await runner.cleanup()
+    landed = add_landing(app, session_body())  # would hand out a perfectly good session
+    async with loopback(app) as base, stripe_http(base, api_key=API_KEY) as http:
+        with pytest.raises(SessionUnavailable) as caught:
+            await create_session(http)
     assert caught.value.code == "unexpected_answer"
     assert caught.value.retriable
     assert landed == []
@@ -330,9 +308,9 @@ async def test_create_session_timeout() -> None:
         await asyncio.sleep(0.5)
         return web.Response(body=session_body(), content_type="application/json")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY, timeout=0.05) as http:
         with pytest.raises(SessionUnavailable) as caught:
-            await create_session(http, base, API_KEY, "v", 0.05)
+            await create_session(http)
     assert caught.value.code == "timeout"
 
 
@@ -340,9 +318,9 @@ async def test_create_session_connection_refused() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with aiohttp.ClientSession() as http:
+    async with stripe_http(f"http://127.0.0.1:{port}", api_key=API_KEY) as http:
         with pytest.raises(SessionUnavailable) as caught:
-            await create_session(http, f"http://127.0.0.1:{port}", API_KEY, "v", 5.0)
+            await create_session(http)
     assert caught.value.retriable
     assert caught.value.code == "connection_error"
     assert API_KEY not in str(caught.value)
@@ -357,8 +335,8 @@ async def test_manager_rotates_real_sessions_from_a_real_server() -> None:
         body = session_body(ttl=2.0, authentication_token=f"ek_test_{served}")
         return web.Response(body=body, content_type="application/json")
 
-    async with serve(handler) as base, aiohttp.ClientSession() as http:
-        create = functools.partial(create_session, http, base, API_KEY, "v", 5.0)
+    async with serve(handler) as base, stripe_http(base, api_key=API_KEY) as http:
+        create = functools.partial(create_session, http)
         async with SessionManager(create) as manager:
             assert await manager.token() == "ek_test_1"
             first_sent = time.monotonic()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-import aiohttp
 import pytest
 from aiohttp import web
 
-from ingestor.stream_client import STREAM_PATH, AiohttpTransport, Outcome, StreamClient
+from ingestor.stream_client import STREAM_PATH, Outcome, StreamClient
+from tests.fakes import add_landing, loopback, stripe_http
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -20,36 +20,24 @@ BODY = b'{"events": [{"event_name": "e", "payload": {"stripe_customer_id": "cus_
 @contextlib.asynccontextmanager
 async def stream_server(answer: web.Response) -> AsyncIterator[tuple[str, list[str]]]:
     """The stream path answers `answer`; `/landing` (any method) answers Stripe's `200 {}` and is recorded."""
-    landed: list[str] = []
 
     async def stream(_: web.Request) -> web.Response:
         return answer
 
-    async def landing(request: web.Request) -> web.Response:
-        landed.append(request.method)
-        return web.Response(body=b"{}", content_type="application/json")
-
     app = web.Application()
     app.router.add_post(STREAM_PATH, stream)
-    app.router.add_route("*", "/landing", landing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}", landed
-    finally:
-        await runner.cleanup()
+    landed = add_landing(app, b"{}")
+    async with loopback(app) as base:
+        yield base, landed
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_a_redirect_is_not_followed_and_is_an_unexpected_answer(status: int) -> None:
     async with (
         stream_server(web.Response(status=status, headers={"Location": "/landing"})) as (base, landed),
-        aiohttp.ClientSession() as http,
+        stripe_http(base) as http,
     ):
-        answer = await StreamClient(AiohttpTransport(http, 5.0), base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
+        answer = await StreamClient(http).send(BODY, "ek_test_x")
     assert answer.outcome is Outcome.UNEXPECTED
     assert answer.status == status
     assert "/landing" in answer.message
@@ -65,6 +53,6 @@ async def test_a_redirect_is_not_followed_and_is_an_unexpected_answer(status: in
     ],
 )
 async def test_only_stripes_own_success_counts(answer: web.Response, outcome: Outcome) -> None:
-    async with stream_server(answer) as (base, _), aiohttp.ClientSession() as http:
-        got = await StreamClient(AiohttpTransport(http, 5.0), base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
+    async with stream_server(answer) as (base, _), stripe_http(base) as http:
+        got = await StreamClient(http).send(BODY, "ek_test_x")
     assert got.outcome is outcome

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestor import dlq_format
+from ingestor.errors import SignatureError, WebhookPayloadError
 from ingestor.metrics import Metrics
 from ingestor.webhook import (
     ERROR_REPORT_TRIGGERED,
@@ -25,8 +26,6 @@ from ingestor.webhook import (
     NO_METER_FOUND,
     PATH,
     ReportRecord,
-    SignatureError,
-    WebhookPayloadError,
     error_report_records,
     verify_signature,
     webhook_app,

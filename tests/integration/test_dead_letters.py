@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 from ingestor import __version__, dlq_format
 from ingestor import catalog as catalog_mod
 from ingestor.events import Decoder
-from ingestor.settings import DEFAULT_STRIPE_VERSION
 from ingestor_dev.devkafka import committed_offsets, free_port
 from ingestor_dev.emulator import Emulator, EmulatorConfig
 from ingestor_dev.emulator.signature import signature_header
 from tests.corpus import BAD_RECORDS, DEFAULT_MAX_RECORD_BYTES, FakeRecord, event_bytes, good_event
+from tests.fakes import stripe_http
 from tests.integration.harness import (
     API_KEY,
     StripeApi,
@@ -509,8 +509,8 @@ async def test_corpus_and_fuzzed_records_are_dead_lettered_once_with_the_decoder
     async with Emulator(EmulatorConfig(stream_rps_limit=0), host="127.0.0.1", port=0) as emu:
         api = StripeApi(emu.url)
         meter_ids, formulas = await create_catalog_meters(api)
-        async with aiohttp.ClientSession() as http:
-            catalog = await catalog_mod.fetch_from_stripe(http, emu.url, API_KEY, DEFAULT_STRIPE_VERSION)
+        async with stripe_http(emu.url, api_key=API_KEY) as http:
+            catalog = await catalog_mod.fetch_from_stripe(http)
         namespace = await cluster_id(kafka_bootstrap)
         decoder = Decoder(catalog, max_record_bytes=DEFAULT_MAX_RECORD_BYTES, namespace=namespace)
 
