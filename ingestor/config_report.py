@@ -38,7 +38,7 @@ def _row(var: Var[Any], settings: Settings, environ: Mapping[str, str]) -> Row:
     origin = "env" if _given(var.env, environ) else "default"
     if var.secret and origin == "default" and value:
         origin = f"file ({var.file_env})"
-    shown = _mask(value) if var.secret else _text(value)
+    shown = _mask(value, var.shown_prefixes) if var.secret else _text(value)
     return Row(var.env, shown + _resolved(var, settings, environ), origin)
 
 
@@ -62,12 +62,12 @@ def _given(env: str, environ: Mapping[str, str]) -> bool:
     return environ.get(env, "").strip() != ""
 
 
-def _mask(value: object) -> str:
-    """A secret's length, and for a Stripe key its kind and mode (`sk_test_****`), never a character more."""
+def _mask(value: object, shown_prefixes: tuple[str, ...]) -> str:
+    """A secret's length and, for a Stripe key, its kind and mode (`sk_test_****`): never a character more."""
     text = str(value)
     if not text:
         return "(empty)"
-    kind = next((prefix for prefix in settings_mod.KEY_PREFIXES if text.startswith(prefix)), "")
+    kind = next((prefix for prefix in shown_prefixes if text.startswith(prefix)), "")
     return f"{kind}**** ({len(text)} characters)"
 
 

@@ -146,8 +146,9 @@ def _optional_int(lo: int) -> Callable[[str, str], int | None]:
 class Var(Generic[T]):
     """One environment variable: its name, default (as text, None = required), parser and meaning.
 
-    `unset_means` says what an empty, 0 or `auto` value resolves to (for `--check-config`); `field` is
-    the name of the dataclass field that declares it (filled in by `declared_variables`).
+    `unset_means` says what an empty, 0 or `auto` value resolves to and `shown_prefixes` which prefixes
+    of a secret may be shown (for `--check-config`); `field` is the name of the dataclass field that
+    declares it (filled in by `declared_variables`).
     """
 
     env: str
@@ -156,6 +157,7 @@ class Var(Generic[T]):
     help: str
     secret: bool = False
     unset_means: Callable[[Settings], str] | None = None
+    shown_prefixes: tuple[str, ...] = ()
     field: str = ""
 
     @property
@@ -179,9 +181,12 @@ def setting(
     return _field(Var(env, default, parse, meaning, unset_means=unset_means))
 
 
-def secret(env: str, meaning: str) -> str:
-    """A secret: empty by default, read from `<env>_FILE` when empty, never shown (repr, --check-config)."""
-    return _field(Var(env, "", _str, meaning, secret=True))
+def secret(env: str, meaning: str, *, shown_prefixes: tuple[str, ...] = ()) -> str:
+    """A secret: empty by default, read from `<env>_FILE` when empty, never shown (repr, --check-config).
+
+    Only one of `shown_prefixes` may be shown, as a Stripe key's kind and mode are (`sk_test_****`).
+    """
+    return _field(Var(env, "", _str, meaning, secret=True, shown_prefixes=shown_prefixes))
 
 
 def _field(var: Var[T]) -> T:
@@ -275,7 +280,9 @@ class Settings(KafkaConnection):
         unset_means=lambda _: "the Kafka cluster's id (read at start)",
     )
     # Stripe
-    api_key: str = secret("STRIPE_API_KEY", "Stripe secret or restricted key (prefer STRIPE_API_KEY_FILE).")
+    api_key: str = secret(
+        "STRIPE_API_KEY", "Stripe secret or restricted key (prefer STRIPE_API_KEY_FILE).", shown_prefixes=KEY_PREFIXES
+    )
     api_key_file: str = setting("STRIPE_API_KEY_FILE", "", _str, "File holding the Stripe key (a mounted Secret).")
     stripe_api_base: str = setting("INGESTOR_STRIPE_API_BASE", DEFAULT_STRIPE_API_BASE, _url, "Stripe API base URL.")
     stripe_meter_events_base: str = setting(
