@@ -184,7 +184,8 @@ def setting(
 def secret(env: str, meaning: str, *, shown_prefixes: tuple[str, ...] = ()) -> str:
     """A secret: empty by default, read from `<env>_FILE` when empty, never shown (repr, --check-config).
 
-    Only one of `shown_prefixes` may be shown, as a Stripe key's kind and mode are (`sk_test_****`).
+    A value that starts with one of `shown_prefixes` shows that prefix, as a Stripe key shows its kind and
+    mode (`sk_test_****`); nothing else of it is ever shown.
     """
     return _field(Var(env, "", _str, meaning, secret=True, shown_prefixes=shown_prefixes))
 
@@ -631,13 +632,10 @@ def load_kafka(environ: Mapping[str, str] | None = None, *, bootstrap_servers: s
     """Only the `KAFKA_*` settings (for tools such as `ingestor dlq replay` that need no Stripe key)."""
     env = os.environ if environ is None else environ
     if bootstrap_servers:
-        env = {**env, _BOOTSTRAP_SERVERS.env: bootstrap_servers}
+        env = {**env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers}
     connection = _read(KafkaConnection, env)
     _check_kafka(connection)
     return connection
-
-
-_BOOTSTRAP_SERVERS = next(var for var in declared_variables(KafkaConnection) if var.field == "bootstrap_servers")
 
 
 def describe() -> str:
