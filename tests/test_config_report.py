@@ -78,3 +78,47 @@ def test_the_table_is_aligned_columns_with_a_header() -> None:
     assert lines[0].split() == ["variable", "from", "value"]
     value_column = lines[0].index("value")
     assert all(line[value_column - 2 : value_column] == "  " for line in lines[2:])
+
+
+@pytest.mark.parametrize(("key", "rps", "mode"), [("sk_test_abc", 25, "test"), ("rk_live_abc", 100, "live")])
+def test_auto_api_rps_is_resolved_from_the_keys_mode(key: str, rps: int, mode: str) -> None:
+    row = table({**BASE, "STRIPE_API_KEY": key})["INGESTOR_API_RPS"]
+    assert row.value == f"auto -> {rps} (a {mode} key)"
+    assert table({**BASE, "STRIPE_API_KEY": key, "INGESTOR_API_RPS": "7"})["INGESTOR_API_RPS"].value == "7"
+
+
+def test_empty_and_zero_values_say_what_they_mean() -> None:
+    rows = table({**BASE, "STRIPE_API_KEY": "sk_test_abc", "INGESTOR_METRICS_PORT": "0"})
+    assert rows["INGESTOR_ERROR_REPORT_TOPIC"].value == "(empty) -> ingestor.dlq (the dead-letter topic)"
+    assert rows["INGESTOR_IDENTIFIER_NAMESPACE"].value == "(empty) -> the Kafka cluster's id (read at start)"
+    assert rows["INGESTOR_METRICS_PORT"].value == "0 -> any free port (logged at start)"
+    assert rows["INGESTOR_WEBHOOK_PORT"].value == "0 -> disabled"
+    assert rows["INGESTOR_GROUP_ID"].value == "ingestor"
+
+
+SECRETS = [var for var in settings_mod.SETTINGS if var.secret]
+
+
+def test_the_secrets_are_the_three_the_chart_mounts() -> None:
+    assert [var.env for var in SECRETS] == ["KAFKA_SASL_PASSWORD", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET"]
+
+
+@pytest.mark.parametrize("var", SECRETS, ids=lambda var: var.env)
+def test_every_secret_row_is_masked_and_its_file_row_says_which_wins(
+    tmp_path: Path, var: settings_mod.Var[str]
+) -> None:
+    path = tmp_path / "secret"
+    path.write_text("sk_test_fromFile\n")
+    env = {**BASE, "STRIPE_API_KEY": "sk_test_abc", var.env: "sk_test_fromEnv", var.file_env: str(path)}
+    kind = "sk_test_" if var.env == "STRIPE_API_KEY" else ""  # only a Stripe key shows its kind and mode
+    both = table(env)
+    assert (both[var.env].value, both[var.env].origin) == (f"{kind}**** (15 characters)", "env")
+    assert both[var.file_env].value == f"{path} (ignored: {var.env} is set and wins)"
+    only_file = table({**env, var.env: ""})
+    assert (only_file[var.env].value, only_file[var.env].origin) == (
+        f"{kind}**** (16 characters)",
+        f"file ({var.file_env})",
+    )
+    assert only_file[var.file_env].value == f"{path} (used: {var.env} is empty)"
+    neither = table({**BASE, "STRIPE_API_KEY": "sk_test_abc"})
+    assert neither[var.file_env].value == "(empty)"

@@ -12,9 +12,14 @@ from ingestor.metric_names import exported_metric_names
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("var", [v.env for v in settings.SETTINGS])
+@pytest.mark.parametrize("var", settings.SETTINGS, ids=lambda v: v.env)
 def test_every_setting_is_documented(var):
-    assert f"`{var}`" in README
+    assert f"`{var.env}`" in README
+    assert settings.markdown_row(var) in README.splitlines(), "default or meaning differs: paste markdown_table()"
+
+
+def test_the_settings_table_is_the_generated_one():
+    assert settings.markdown_table() in README, "paste ingestor.settings.markdown_table() into the README"
 
 
 @pytest.mark.parametrize("name", sorted(exported_metric_names()))

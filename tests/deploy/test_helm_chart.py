@@ -99,6 +99,12 @@ def test_config_variables_the_schema_allows_are_worker_settings(schema: dict[str
     assert (SECRET_VARIABLES | CHART_MANAGED) <= SETTING_NAMES, "a variable the chart relies on was renamed"
 
 
+def test_every_secret_the_worker_declares_is_mounted_by_the_chart_not_set_in_config() -> None:
+    declared = {var.env for var in SETTINGS if var.secret}
+    assert declared == SECRET_VARIABLES, "a new secret needs a Secret mount in the chart, never values.config"
+    assert {var.file_env for var in SETTINGS if var.secret} <= CHART_MANAGED
+
+
 def test_chart_defaults_follow_the_worker(values: dict[str, Any]) -> None:
     assert float(DEFAULTS["INGESTOR_DRAIN_TIMEOUT_S"] or 0) == values["drainTimeoutSeconds"]
     assert int(DEFAULTS["INGESTOR_METRICS_PORT"] or 0) == values["metrics"]["port"]
