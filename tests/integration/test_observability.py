@@ -66,14 +66,18 @@ async def test_every_metric_moves_during_a_run(kafka_bootstrap, topic_factory, c
             INGESTOR_METER_CATALOG="off",
         )
         await create_topic(kafka_bootstrap, env["INGESTOR_DLQ_TOPIC"], 1)
-        seen_paused = 0.0
+        seen_paused = seen_share = seen_pace = 0.0
         async with running_worker(env) as worker:
             port = worker.metrics_port
 
             async def done() -> bool:
-                nonlocal seen_paused
+                nonlocal seen_paused, seen_share, seen_pace
                 m = await scrape(port)
                 seen_paused = max(seen_paused, total(m, "ingestor_partitions_paused"))
+                # The budget is shared by demand: a lone replica gets all of it while it has a backlog, and
+                # only what it uses once idle, so these are read during the run, not at its end.
+                seen_share = max(seen_share, total(m, "ingestor_budget_share_ratio"))
+                seen_pace = max(seen_pace, total(m, "ingestor_budget_requests_per_second"))
                 moved = total(m, "ingestor_events_delivered_total") + total(m, "ingestor_events_dead_lettered_total")
                 return moved >= len(values) + len(bad) and total(m, "ingestor_consumer_lag_records") == 0
 
@@ -102,8 +106,9 @@ async def test_every_metric_moves_during_a_run(kafka_bootstrap, topic_factory, c
     assert total(m, "ingestor_session_rotations_total") >= 1
     assert total(m, "ingestor_session_expiry_seconds") > 0
     assert total(m, "ingestor_session_refresh_failures_total") == 0
-    assert total(m, "ingestor_budget_share_ratio") == 1.0
-    assert total(m, "ingestor_budget_requests_per_second") > 0
+    assert seen_share == 1.0, "a lone replica with a backlog never had the whole budget"
+    assert 0.0 <= total(m, "ingestor_budget_share_ratio") <= 1.0
+    assert seen_pace > 0
     assert total(m, "ingestor_budget_total_requests_per_second") == 100_000
     assert total(m, "ingestor_budget_factor_ratio") < 1.0  # backed off after rate-limit 429s
     assert total(m, "ingestor_budget_wait_seconds_total") >= 0
