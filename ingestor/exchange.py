@@ -144,8 +144,8 @@ class DemandExchange:
         await self._consumer.seek_to_beginning(self._tp)
         self._catch_up_to = (await self._consumer.end_offsets([self._tp]))[self._tp]
         self.gate.set_quota(0)
-        for coro in (self._read_loop(), self._tick_loop()):
-            task = asyncio.create_task(coro)
+        for name, coro in (("read", self._read_loop()), ("tick", self._tick_loop())):
+            task = asyncio.create_task(coro, name=f"ingestor-exchange-{name}")
             task.add_done_callback(on_failure)
             self._tasks.append(task)
         log.info("budget demand exchange started", extra={"topic": self.topic, "member": self.member})
