@@ -1,13 +1,14 @@
 """Start-up: the worker's collaborators, each constructed (and started) before anything uses it.
 
-`build_core` makes the parts that need no I/O (offsets, batcher, catalog, budget, health), when the worker
-is created. `build_parts` starts everything that talks to the outside, in this order, and hands back a
-frozen `WorkerParts`: the /metrics site, the HTTP client and the first meter event session (a key Stripe
-refuses stops start-up), the meter catalog, the dead-letter producer and writer (transactional ones
-when INGESTOR_DLQ_TRANSACTIONAL), the webhook site, delivery and adjustments, the consumer (the
-dead-letter topic must exist; the identifier namespace and the offset-reset policy are settled before
-the group is joined) and the demand exchange (built, started later by the worker). Whatever it opened
-is closed by the caller's exit stack, also when a later step fails.
+`build_core` makes the parts that need no I/O (offsets, batcher, catalog, budget, health), when the
+worker is created. `serve_operator_endpoints` serves /metrics, /healthz and /readyz first. `build_parts`
+starts everything else that talks to the outside, in this order, and hands back a frozen `WorkerParts`:
+the HTTP client and the first meter event session (a key Stripe refuses stops start-up), the meter
+catalog, the dead-letter producer and writer (transactional ones when INGESTOR_DLQ_TRANSACTIONAL), the
+webhook site, delivery and adjustments, the consumer (the dead-letter topic must exist; the identifier
+namespace and the offset-reset policy are settled before the group is joined) and the demand exchange
+(built here, started by the worker once the consumer subscribed). Whatever it opened is closed by the
+caller's exit stack, also when a later step fails.
 
 A setting found wrong at start stops it with a SettingsError (exit 2) naming the variable.
 """
@@ -108,7 +109,6 @@ def build_core(settings: Settings, clock: Clock) -> WorkerCore:
 class WorkerParts:
     """The started collaborators. `transactions` and `exchange` are None when the settings turn them off."""
 
-    metrics_port: int
     webhook_port: int
     sessions: SessionManager
     producer: Any
@@ -123,6 +123,15 @@ class WorkerParts:
     exchange: DemandExchange | None
 
 
+async def serve_operator_endpoints(
+    settings: Settings, metrics: Metrics, health: HealthState, exits: AsyncExitStack
+) -> int:
+    """/metrics, /healthz and /readyz, first of all (a start-up that hangs is seen there); the bound port."""
+    app = http_app(metrics, health)
+    paths = "/metrics /healthz /readyz"
+    return await _Sites(settings.metrics_host, exits).serve(app, settings.metrics_port, "INGESTOR_METRICS_PORT", paths)
+
+
 async def build_parts(  # noqa: PLR0913 - the worker's core, context and exit stack, each needed
     settings: Settings,
     core: WorkerCore,
@@ -135,9 +144,6 @@ async def build_parts(  # noqa: PLR0913 - the worker's core, context and exit st
     """Start every collaborator in order; `exits` closes each one opened (the caller closes it on failure)."""
     s = settings
     serve = _Sites(s.metrics_host, exits).serve
-    metrics_port = await serve(
-        http_app(metrics, core.health), s.metrics_port, "INGESTOR_METRICS_PORT", "/metrics /healthz /readyz"
-    )
     connector = aiohttp.TCPConnector(limit=s.max_in_flight + 8, ttl_dns_cache=300, keepalive_timeout=30)
     http = aiohttp.ClientSession(connector=connector)
     exits.push_async_callback(http.close)
@@ -215,7 +221,6 @@ async def build_parts(  # noqa: PLR0913 - the worker's core, context and exit st
     ownership = Ownership(core.tracker, consumer, s.topics)
     exchange = exchange_mod.from_settings(s, core.gate, ownership, clock)
     return WorkerParts(
-        metrics_port=metrics_port,
         webhook_port=webhook_port,
         sessions=sessions,
         producer=producer,

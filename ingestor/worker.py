@@ -35,7 +35,7 @@ from ingestor.consumer_loop import ConsumerLoop
 from ingestor.metrics import Metrics, WorkerState
 from ingestor.rebalance import Rebalancer, drain
 from ingestor.senders import Senders
-from ingestor.startup import WorkerCore, WorkerParts, build_core, build_parts
+from ingestor.startup import WorkerCore, WorkerParts, build_core, build_parts, serve_operator_endpoints
 from ingestor.tasks import TaskOwner
 
 if TYPE_CHECKING:
@@ -83,6 +83,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._tasks = TaskOwner(self._stop.set)
         self._exit = contextlib.AsyncExitStack()
+        #: the ports served (0 until bound; INGESTOR_METRICS_PORT or INGESTOR_WEBHOOK_PORT 0 binds any)
+        self.metrics_port = 0
+        self.webhook_port = 0
         #: set by `async with`: the worker runs only once started
         self._running: _Running | None = None
 
@@ -103,11 +106,13 @@ class Worker:
 
     async def _start(self) -> None:
         s, core = self.settings, self.core
+        self.metrics_port = await serve_operator_endpoints(s, self.metrics, core.health, self._exit)
         parts = await build_parts(s, core, metrics=self.metrics, clock=self.clock, stop=self._stop, exits=self._exit)
         running = self._assemble(parts)
         probes.export_started_state(self.state, parts, running.consumer_loop, running.lags, self.clock)
         core.health.lag = running.lags.total
         self._running = running
+        self.webhook_port = parts.webhook_port
         parts.consumer.subscribe(topics=list(s.topics), listener=running.rebalancer)
         if parts.exchange is not None:
             self._exit.push_async_callback(parts.exchange.stop)  # also closes what a failed start opened
@@ -212,14 +217,6 @@ class Worker:
     @property
     def health(self) -> HealthState:
         return self.core.health
-
-    @property
-    def metrics_port(self) -> int:
-        return self._started().parts.metrics_port
-
-    @property
-    def webhook_port(self) -> int:
-        return self._started().parts.webhook_port
 
     @property
     def consumer(self) -> Any:
