@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ingestor.errors import Rejection
     from ingestor.events import Record
     from ingestor.metrics import Metrics
-    from ingestor.offsets import Chunk, OffsetTracker
+    from ingestor.offsets import Chunk, OffsetTracker, TopicPartition
 
 log = logging.getLogger("ingestor.deadletter")
 
@@ -216,15 +216,15 @@ class DeadLetterWriter:
     def backlog(self) -> int:
         return len(self._queue) + len(self._writing)
 
-    def pending_for(self, tps: Collection[tuple[str, int]]) -> bool:
+    def pending_for(self, tps: Collection[TopicPartition]) -> bool:
         """Whether a letter of one of these partitions is not acked yet."""
         return any(letter.chunk.tp in tps for letter in (*self._queue, *self._writing))
 
-    def partitions(self) -> set[tuple[str, int]]:
+    def partitions(self) -> set[TopicPartition]:
         """Partitions with letters waiting."""
         return {letter.chunk.tp for letter in self._queue}
 
-    def take(self, tps: Collection[tuple[str, int]] | None = None) -> list[Letter]:
+    def take(self, tps: Collection[TopicPartition] | None = None) -> list[Letter]:
         """Remove and return the queued letters (of `tps` only, when given); letters of partitions no
         longer ours are dropped: their next owner reads the records again."""
         if tps is None:

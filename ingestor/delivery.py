@@ -65,7 +65,7 @@ class Delivery:
         *,
         client: StreamClient,
         sessions: Sessions,
-        budget: BudgetGate,
+        gate: BudgetGate,
         dead_letters: DeadLetterWriter,
         tracker: OffsetTracker,
         metrics: Metrics,
@@ -76,7 +76,7 @@ class Delivery:
     ) -> None:
         self._client = client
         self._sessions = sessions
-        self._budget = budget
+        self._gate = gate
         self._dead_letters = dead_letters
         self._tracker = tracker
         self._metrics = metrics
@@ -108,7 +108,7 @@ class Delivery:
                 return
 
     async def _send(self, batch: Batch, body: bytes) -> Answer:
-        await self._budget.acquire()
+        await self._gate.acquire()
         try:
             token = await self._sessions.token()
         except Exception as exc:  # noqa: BLE001 - no token: a transient failure like any other
@@ -136,7 +136,7 @@ class Delivery:
         elif answer.status == 429:
             metrics.rate_limited.labels(answer.rate_limit_reason or "none").inc()
             if answer.rate_limit_reason:
-                self._budget.on_rate_limited()
+                self._gate.on_rate_limited()
         if answer.outcome is Outcome.ACCEPTED:
             metrics.batch_size.observe(len(batch))
             metrics.batch_bytes.observe(len(body))

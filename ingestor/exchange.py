@@ -38,9 +38,8 @@ from ingestor.settings import SettingsError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ingestor.budget import BudgetGate, RequestBudget
+    from ingestor.budget import BudgetGate
     from ingestor.clock import Clock
-    from ingestor.metrics import Metrics
     from ingestor.settings import Settings
 
 log = logging.getLogger("ingestor.exchange")
@@ -145,8 +144,8 @@ class DemandExchange:
         await self._consumer.seek_to_beginning(self._tp)
         self._catch_up_to = (await self._consumer.end_offsets([self._tp]))[self._tp]
         self.gate.set_quota(0)
-        for coro in (self._read_loop(), self._tick_loop()):
-            task = asyncio.create_task(coro)
+        for name, coro in (("read", self._read_loop()), ("tick", self._tick_loop())):
+            task = asyncio.create_task(coro, name=f"ingestor-exchange-{name}")
             task.add_done_callback(on_failure)
             self._tasks.append(task)
         log.info("budget demand exchange started", extra={"topic": self.topic, "member": self.member})
@@ -307,32 +306,4 @@ def from_settings(
         ownership=ownership,
         clock=clock,
         timing=Timing(interval=settings.budget_exchange_interval_s),
-    )
-
-
-def export_metrics(metrics: Metrics, budget: RequestBudget, exchange: DemandExchange | None) -> None:
-    """The budget's demand and grant, read at scrape time."""
-
-    def one(value: float) -> list[tuple[tuple[str, ...], float]]:
-        return [((), float(value))]
-
-    metrics.export_state(
-        "ingestor_budget_demand_requests_per_second",
-        "This replica's demand as published to the exchange: requests/s it could use.",
-        lambda: one(exchange.demand if exchange else 0),
-    )
-    metrics.export_state(
-        "ingestor_budget_granted_requests_per_second",
-        "Requests this replica may send in any 1-second window (its grant, or its fallback share).",
-        lambda: one(budget.quota),
-    )
-    metrics.export_state(
-        "ingestor_budget_exchange_members",
-        "Replicas in this replica's picture of the demand exchange, itself included.",
-        lambda: one(exchange.decision.members if exchange else 1),
-    )
-    metrics.export_state(
-        "ingestor_budget_exchange_fallback",
-        "1 when cut off from the demand exchange (leaving it, or paced at owned/all partitions).",
-        lambda: one(exchange is not None and exchange.decision.mode is not Mode.EXCHANGE),
     )

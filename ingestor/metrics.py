@@ -7,6 +7,7 @@ they cost nothing on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ingestor import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Iterator
 
     from prometheus_client.core import Metric
 
@@ -118,35 +119,39 @@ class Metrics:
         )
 
     def export_state(
-        self,
-        name: str,
-        help_text: str,
-        sampler: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
-        labels: tuple[str, ...] = (),
-        *,
-        counter: bool = False,
-    ) -> None:
-        """Export a gauge (or counter) whose samples are read from live state at scrape time."""
-        self.registry.register(StateCollector(name, help_text, sampler, labels, counter=counter))
+        self, name: str, help_text: str, labels: tuple[str, ...] = (), *, counter: bool = False
+    ) -> StateCollector:
+        """Export a gauge (or counter) whose samples are read from live state at scrape time; the returned
+        handle is told where to read them (`read_from`). Until then it has no samples."""
+        collector = StateCollector(name, help_text, labels, counter=counter)
+        self.registry.register(collector)
+        return collector
+
+
+#: What a state family reads at scrape time: (label values, value) pairs.
+Samples = Iterable[tuple[tuple[str, ...], float]]
+Sampler = Callable[[], Samples]
+PARTITION_LABELS = ("topic", "partition")
+
+
+def _no_samples() -> Samples:
+    return ()
 
 
 class StateCollector:
     """A gauge family computed at scrape time from a sampler function."""
 
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        sampler: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
-        labels: tuple[str, ...] = (),
-        *,
-        counter: bool = False,
-    ) -> None:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (), *, counter: bool = False) -> None:
         self._name = name.removesuffix("_total") if counter else name
         self._help = help_text
         self._labels = list(labels)
-        self._sampler = sampler
+        self._sampler: Sampler = _no_samples
         self._counter = counter
+
+    def read_from(self, sampler: Sampler) -> None:
+        """Read the family's samples from `sampler` from now on (a source that exists only once the worker
+        started replaces the stand-in that reports what a worker not started yet has)."""
+        self._sampler = sampler
 
     def _family(self) -> GaugeMetricFamily | CounterMetricFamily:
         kind = CounterMetricFamily if self._counter else GaugeMetricFamily
@@ -160,3 +165,112 @@ class StateCollector:
         for label_values, value in self._sampler():
             family.add_metric(list(label_values), value)
         yield family
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """The worker's state families, one typed handle each (a misspelt family is a type error). Their names,
+    help and labels are here, with every other family; what they read is the worker's (`ingestor.probes`)."""
+
+    budget_demand: StateCollector
+    budget_granted: StateCollector
+    exchange_members: StateCollector
+    exchange_fallback: StateCollector
+    consumer_lag: StateCollector
+    partition_stalled: StateCollector
+    partition_ahead: StateCollector
+    committed_offset: StateCollector
+    partitions_assigned: StateCollector
+    partitions_paused: StateCollector
+    buffered_events: StateCollector
+    last_progress_age: StateCollector
+    ready: StateCollector
+    session_expiry: StateCollector
+    session_rotations: StateCollector
+    session_refresh_failures: StateCollector
+    budget_rate: StateCollector
+    budget_total: StateCollector
+    budget_share: StateCollector
+    budget_factor: StateCollector
+    budget_utilization: StateCollector
+    budget_saturated: StateCollector
+    budget_wait: StateCollector
+    adjustments_pending: StateCollector
+    dlq_backlog: StateCollector
+
+    @classmethod
+    def register(cls, metrics: Metrics) -> WorkerState:
+        """Register every state family on `metrics`' registry (in the order /metrics lists them)."""
+        m, partition = metrics, PARTITION_LABELS
+        return cls(
+            budget_demand=m.export_state(
+                "ingestor_budget_demand_requests_per_second",
+                "This replica's demand as published to the exchange: requests/s it could use.",
+            ),
+            budget_granted=m.export_state(
+                "ingestor_budget_granted_requests_per_second",
+                "Requests this replica may send in any 1-second window (its grant, or its fallback share).",
+            ),
+            exchange_members=m.export_state(
+                "ingestor_budget_exchange_members",
+                "Replicas in this replica's picture of the demand exchange, itself included.",
+            ),
+            exchange_fallback=m.export_state(
+                "ingestor_budget_exchange_fallback",
+                "1 when cut off from the demand exchange (leaving it, or paced at owned/all partitions).",
+            ),
+            consumer_lag=m.export_state(
+                "ingestor_consumer_lag_records", "Records behind the partition's end.", partition
+            ),
+            partition_stalled=m.export_state(
+                "ingestor_partition_stalled_seconds",
+                "Seconds the partition's commit has not moved while it had records pending.",
+                partition,
+            ),
+            partition_ahead=m.export_state(
+                "ingestor_partition_ahead_records",
+                "Records consumed past the partition's oldest unfinished record.",
+                partition,
+            ),
+            committed_offset=m.export_state("ingestor_committed_offset", "Last committed offset.", partition),
+            partitions_assigned=m.export_state("ingestor_partitions_assigned", "Partitions this replica owns."),
+            partitions_paused=m.export_state("ingestor_partitions_paused", "Partitions paused for backpressure."),
+            buffered_events=m.export_state("ingestor_buffered_events", "Records consumed and not yet done."),
+            last_progress_age=m.export_state(
+                "ingestor_last_progress_age_seconds", "Seconds since the last delivery or commit."
+            ),
+            ready=m.export_state("ingestor_ready", "1 when /readyz passes."),
+            session_expiry=m.export_state(
+                "ingestor_session_expiry_seconds", "Seconds until the session token expires."
+            ),
+            session_rotations=m.export_state(
+                "ingestor_session_rotations_total", "Session tokens created.", counter=True
+            ),
+            session_refresh_failures=m.export_state(
+                "ingestor_session_refresh_failures_total", "Failed session creations.", counter=True
+            ),
+            budget_rate=m.export_state("ingestor_budget_requests_per_second", "This replica's current pace."),
+            budget_total=m.export_state(
+                "ingestor_budget_total_requests_per_second", "The account's budget, all replicas."
+            ),
+            budget_share=m.export_state("ingestor_budget_share_ratio", "This replica's share of the budget."),
+            budget_factor=m.export_state("ingestor_budget_factor_ratio", "Backoff factor after 429s (1: none)."),
+            budget_utilization=m.export_state(
+                "ingestor_budget_utilization_ratio", "Requests sent / allowed, last 10 s."
+            ),
+            budget_saturated=m.export_state(
+                "ingestor_budget_saturated", "1 when the budget, not the worker, limits throughput."
+            ),
+            budget_wait=m.export_state(
+                "ingestor_budget_wait_seconds_total", "Time requests waited for the budget.", counter=True
+            ),
+            adjustments_pending=m.export_state(
+                "ingestor_adjustments_pending",
+                "Cancellations consumed and not yet done (waiting for earlier records of their partition, "
+                "or in flight).",
+            ),
+            dlq_backlog=m.export_state(
+                "ingestor_dlq_backlog_records",
+                "Dead-letter records not written yet (transactional: until the commit that passes them).",
+            ),
+        )

@@ -94,7 +94,8 @@ class HealthState:
     """Facts the worker keeps current; the endpoints judge them."""
 
     stuck_after: float
-    clock: Callable[[], float] = time.monotonic
+    #: monotonic seconds (a `Clock`'s `monotonic`)
+    monotonic: Callable[[], float] = time.monotonic
     joined: bool = False
     stripe_ok: bool = False
     kafka_ok: bool = True
@@ -105,10 +106,10 @@ class HealthState:
     stalled_partition: Callable[[], tuple[str, float] | None] = lambda: None
 
     def progressed(self) -> None:
-        self.last_progress = self.clock()
+        self.last_progress = self.monotonic()
 
     def progress_age(self) -> float:
-        return self.clock() - self.last_progress
+        return self.monotonic() - self.last_progress
 
     lag_since: float | None = None
 
@@ -118,7 +119,7 @@ class HealthState:
         if self.lag() <= 0:
             self.lag_since = None
             return 0.0
-        now = self.clock()
+        now = self.monotonic()
         if self.lag_since is None:
             self.lag_since = now
         return now - max(self.last_progress, self.lag_since)

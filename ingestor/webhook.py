@@ -283,14 +283,14 @@ class _Handler:
         sender: KafkaSender,
         topic: str,
         metrics: Metrics,
-        clock: Callable[[], float],
+        wall_time: Callable[[], float],
     ) -> None:
         self._secret = secret
         self._tolerance = tolerance
         self._sender = sender
         self._topic = topic
         self._metrics = metrics
-        self._clock = clock
+        self._wall_time = wall_time
 
     async def handle(self, request: web.Request) -> web.Response:
         event_type, answer = await self._handle(request)
@@ -305,7 +305,11 @@ class _Handler:
             return UNKNOWN_TYPE, _Answer(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
         try:
             verify_signature(
-                body, request.headers.get(SIGNATURE_HEADER), self._secret, tolerance=self._tolerance, now=self._clock()
+                body,
+                request.headers.get(SIGNATURE_HEADER),
+                self._secret,
+                tolerance=self._tolerance,
+                now=self._wall_time(),
             )
             event = parse_event(body)
         except SignatureError as exc:
@@ -369,12 +373,14 @@ def webhook_app(  # noqa: PLR0913 - keyword-only options
     sender: KafkaSender,
     topic: str,
     metrics: Metrics,
-    clock: Callable[[], float] = time.time,
+    wall_time: Callable[[], float] = time.time,
 ) -> web.Application:
     """The aiohttp application serving `POST /webhooks/stripe`."""
     if not secret:
         raise ValueError("the webhook signing secret must not be empty")
-    handler = _Handler(secret=secret, tolerance=tolerance, sender=sender, topic=topic, metrics=metrics, clock=clock)
+    handler = _Handler(
+        secret=secret, tolerance=tolerance, sender=sender, topic=topic, metrics=metrics, wall_time=wall_time
+    )
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_post(PATH, handler.handle)
     return app

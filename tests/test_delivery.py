@@ -49,7 +49,7 @@ class FakeSessions:
         self.tokens.append(f"tok_{len(self.tokens) + 1}")
 
 
-class FreeBudget:
+class FreeGate:
     limited = 0
 
     async def acquire(self) -> None:
@@ -81,7 +81,7 @@ def make(rule, n: int = 100, **options: Any):
     delivery = Delivery(
         client=client,  # type: ignore[arg-type]
         sessions=sessions,
-        budget=FreeBudget(),  # type: ignore[arg-type]
+        gate=FreeGate(),  # type: ignore[arg-type]
         dead_letters=dead,  # type: ignore[arg-type]
         tracker=tracker,
         metrics=Metrics(),
@@ -261,7 +261,7 @@ def with_manager(rule, create: ScriptedCreate, clock: FakeClock, batches: int = 
     delivery = Delivery(
         client=client,  # type: ignore[arg-type]
         sessions=manager,
-        budget=FreeBudget(),  # type: ignore[arg-type]
+        gate=FreeGate(),  # type: ignore[arg-type]
         dead_letters=dead,  # type: ignore[arg-type]
         tracker=tracker,
         metrics=Metrics(),

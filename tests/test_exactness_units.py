@@ -98,7 +98,7 @@ def test_a_partition_whose_watermark_stands_still_with_work_pending_is_stalled_t
 
 
 def test_readiness_names_the_stalled_partition() -> None:
-    state = HealthState(stuck_after=30, clock=lambda: 0.0, joined=True, stripe_ok=True)
+    state = HealthState(stuck_after=30, monotonic=lambda: 0.0, joined=True, stripe_ok=True)
     assert state.readiness() == (True, "ok")
     state.stalled_partition = lambda: ("usage/3", 31.0)
     ok, reason = state.readiness()

@@ -9,7 +9,9 @@ import orjson
 from ingestor.observability import HealthState, JsonFormatter
 
 
-class Clock:
+class Monotonic:
+    """A monotonic time function that tests move by hand."""
+
     def __init__(self) -> None:
         self.now = 100.0
 
@@ -17,9 +19,9 @@ class Clock:
         return self.now
 
 
-def healthy(lag: list[int]) -> tuple[HealthState, Clock]:
-    clock = Clock()
-    state = HealthState(stuck_after=10, clock=clock, lag=lambda: lag[0])
+def healthy(lag: list[int]) -> tuple[HealthState, Monotonic]:
+    clock = Monotonic()
+    state = HealthState(stuck_after=10, monotonic=clock, lag=lambda: lag[0])
     state.last_progress = clock.now
     state.joined = state.stripe_ok = True
     return state, clock

@@ -84,7 +84,7 @@ class Servers:
     async def _start(self) -> None:
         metrics = Metrics()
         hook = webhook_app(
-            secret=SECRET, tolerance=300.0, sender=Sender(), topic="errors", metrics=metrics, clock=lambda: NOW
+            secret=SECRET, tolerance=300.0, sender=Sender(), topic="errors", metrics=metrics, wall_time=lambda: NOW
         )
         for name, app in (("webhook", hook), ("operator", http_app(metrics, self.health))):
             runner, port = await start_site(app, "127.0.0.1", 0)

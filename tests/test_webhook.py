@@ -356,8 +356,10 @@ class RecordingSender:
 
 
 @contextlib.asynccontextmanager
-async def serve(sender: RecordingSender, metrics: Metrics, clock: Any = lambda: NOW) -> AsyncIterator[TestClient]:
-    app = webhook_app(secret=SECRET, tolerance=TOLERANCE, sender=sender, topic=TOPIC, metrics=metrics, clock=clock)
+async def serve(sender: RecordingSender, metrics: Metrics, wall_time: Any = lambda: NOW) -> AsyncIterator[TestClient]:
+    app = webhook_app(
+        secret=SECRET, tolerance=TOLERANCE, sender=sender, topic=TOPIC, metrics=metrics, wall_time=wall_time
+    )
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         yield client
 
@@ -409,7 +411,7 @@ async def test_bad_signature_is_400_and_writes_nothing(caplog: pytest.LogCapture
 
 async def test_stale_delivery_is_400() -> None:
     sender, metrics = RecordingSender(), Metrics()
-    async with serve(sender, metrics, clock=lambda: NOW + TOLERANCE + 1) as client:
+    async with serve(sender, metrics, wall_time=lambda: NOW + TOLERANCE + 1) as client:
         status, _ = await post(client, inline_event())
     assert status == 400
     assert sender.sent == []
