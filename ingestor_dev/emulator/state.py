@@ -17,6 +17,7 @@ from itertools import repeat
 from operator import sub
 from typing import TYPE_CHECKING, Any
 
+from ingestor_dev.emulator.dedup import IdentifierSet
 from ingestor_dev.emulator.errors import ApiError, invalid
 from ingestor_dev.emulator.idempotency import IdempotencyStore
 from ingestor_dev.emulator.limits import CANCEL_WINDOW_S, DEDUP_WINDOW_S
@@ -48,10 +49,8 @@ class ModeState:
     """Everything that belongs to one mode (test or live) of the account."""
 
     meters: MeterRegistry = field(default_factory=MeterRegistry)
-    #: identifiers accepted within the de-duplication window (a set: half the memory traffic of a
-    #: dict per lookup; the CLI raises the collector's thresholds so full collections, which walk
-    #: it, stay rare)
-    seen: set[str] = field(default_factory=set)
+    #: identifiers accepted within the de-duplication window (not a `set`: see `dedup`)
+    seen: IdentifierSet = field(default_factory=IdentifierSet)
     #: (arrival, identifiers) per accepted request, oldest first: what leaves `seen` when
     arrivals: deque[tuple[float, tuple[str, ...]]] = field(default_factory=deque)
     duplicates: dict[str, int] = field(default_factory=dict)
@@ -91,12 +90,7 @@ class EmulatorState:
         stats.events_received += count
         stats.max_events_per_request = max(stats.max_events_per_request, count)
         seen = mode.seen
-        if seen.isdisjoint(batch.identifiers):
-            before = len(seen)
-            seen.update(batch.identifiers)
-            if len(seen) - before != count:  # an identifier repeated within the request
-                batch = self._drop_duplicates(mode, batch, set())
-        else:
+        if not seen.add_new(batch.identifiers):  # a duplicate, or an identifier repeated within the request
             batch = self._drop_duplicates(mode, batch, seen)
             seen.update(batch.identifiers)
         accepted = len(batch.identifiers)
@@ -108,7 +102,7 @@ class EmulatorState:
             if stats.record_latency:
                 stats.latencies.extend(map(sub, repeat(batch.arrival, accepted), batch.timestamps))
 
-    def _drop_duplicates(self, mode: ModeState, batch: EventBatch, seen: set[str]) -> EventBatch:
+    def _drop_duplicates(self, mode: ModeState, batch: EventBatch, seen: IdentifierSet) -> EventBatch:
         """Keep the first of each identifier not in `seen`; count the others as duplicates."""
         keep: list[int] = []
         fresh: set[str] = set()
