@@ -8,15 +8,16 @@ import socket
 import threading
 import time
 
+import aiohttp
 import orjson
 import pytest
 
 from ingestor_dev.emulator import Emulator, EmulatorConfig
-from ingestor_dev.emulator.arrival import MAX_AGE_S, arrival_time, is_loopback
+from ingestor_dev.emulator.arrival import ARRIVAL_HEADER, MAX_AGE_S, arrival_time, is_loopback
 from ingestor_dev.emulator.faults import Faults
 from ingestor_dev.emulator.windows import FixedWindowLimiter, SlidingWindowMax, max_in_window
 from ingestor_dev.wiretap import WireTap
-from tests.emulator.conftest import STREAM, Api, event
+from tests.emulator.conftest import STREAM, Api, FakeClock, event
 
 LIMIT = 20
 #: just under the limit: a client that behaves
@@ -97,8 +98,6 @@ async def test_a_stall_of_the_emulators_loop_does_not_count_as_a_burst(faults: F
     the wire held (22 for 18), and its limiter refused requests of a client that behaved."""
     config = EmulatorConfig(stream_rps_limit=LIMIT, trust_arrival_header=True, faults=faults)
     async with Emulator(config, host="127.0.0.1", port=0) as emu, WireTap(emu.url, stamp=True) as tap:
-        import aiohttp  # noqa: PLC0415 - only this test needs a client of its own
-
         async with aiohttp.ClientSession() as http:
             token = await Api(http, emu).session()
         out: list[bytes] = []
@@ -118,3 +117,23 @@ async def test_a_stall_of_the_emulators_loop_does_not_count_as_a_burst(faults: F
     # The emulator saw what the wire held: the same window, and refusals only where the wire was over.
     assert stats["stream_max_requests_per_1s_window"] == tap.arrivals().max_in_window(), (stats, times)
     assert answers.count(b"HTTP/1.1 429") == refused_by(times, LIMIT) == stats["rate_limited"]
+
+
+@pytest.mark.parametrize("faults", [Faults(), Faults(latency_s=0.001)], ids=["fast path", "aiohttp route"])
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_the_header_counts_only_when_the_emulator_is_told_to_trust_it(clock: FakeClock, faults, trusted):
+    config = EmulatorConfig(stream_rps_limit=1, trust_arrival_header=trusted, faults=faults)
+    async with Emulator(config, clock=clock) as emu, aiohttp.ClientSession() as http:
+        api = Api(http, emu)
+        token = await api.session()
+        earlier = clock.now - 2.5
+        headers = {ARRIVAL_HEADER: f"{earlier:.9f}", "Authorization": f"Bearer {token}"}
+        first = await api.call("POST", STREAM, key=None, json={"events": [event("h1")]}, headers=headers)
+        second = await api.call("POST", STREAM, key=None, json={"events": [event("h2")]}, headers={**headers})
+        third = await api.stream(token, [event("h3")])
+        stats = await emu.stats()
+    # Trusted: two requests stamped 2.5 s ago share their second (the second is refused), the third is alone.
+    # Not trusted: all three arrive now, in one second: only the first is let through.
+    assert [first[0], second[0], third[0]] == ([200, 429, 200] if trusted else [200, 429, 429])
+    expected = {str(int(earlier)): 2, str(int(clock.now)): 1} if trusted else {str(int(clock.now)): 3}
+    assert stats["stream_requests_per_second"] == expected
