@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ingestor_dev.devkafka import LocalKafka, committed_offsets, create_topic, free_port, produce  # noqa: E402
+from ingestor_dev.wiretap import WireTap, max_in_window  # noqa: E402
 
 API_KEY = "sk_live_benchNotReal000000000000"
 EVENT_NAME = "bench_api_call"
@@ -101,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hot-partitions", type=int, default=0, help="skewed load: produce every event to the first H partitions"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds of delivery")
+    parser.add_argument(
+        "--wire-tap",
+        action="store_true",
+        help="count requests on the wire (ingestor_dev.wiretap in front of the emulator): max_requests_in_1s_wire",
+    )
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
     )
@@ -240,9 +246,10 @@ def make_events(mix: str, n: int, run: str) -> tuple[list[bytes], dict[str, int]
 class Emulator:
     """`python -m ingestor emulator` as a subprocess, and its HTTP API."""
 
-    def __init__(self, budget: int, log_path: Path) -> None:
+    def __init__(self, budget: int, log_path: Path, *, trust_arrival_header: bool = False) -> None:
         command = [sys.executable, "-m", "ingestor", "emulator", "--host", "127.0.0.1", "--port", "0"]
         command += ["--stream-rps-limit", str(budget), "--record-latency"]
+        command += ["--trust-arrival-header"] if trust_arrival_header else []
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL
@@ -423,9 +430,10 @@ def worker_env(args: argparse.Namespace, bootstrap: str, topic: str, url: str, g
 
 
 async def run_workers(
-    args: argparse.Namespace, kafka: LocalKafka, emu: Emulator, tmp: Path, mix: str
+    args: argparse.Namespace, kafka: LocalKafka, emu: Emulator, tmp: Path, mix: str, *, tap: WireTap | None = None
 ) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
+    run_from = time.time()
     topic = f"bench-{run}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topic(kafka.bootstrap, topic, args.partitions)
@@ -441,7 +449,7 @@ async def run_workers(
         result["produce_s"] = round(await produce_backlog(kafka.bootstrap, topic, values, args.hot_partitions), 2)
     if args.outage_s:
         await emu.set_faults({"error_retry_true": 1.0, "error_status": 503})
-    base_env = worker_env(args, kafka.bootstrap, topic, emu.url, group)
+    base_env = worker_env(args, kafka.bootstrap, topic, tap.url if tap else emu.url, group)
     profile = None
     if args.profile:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -535,6 +543,7 @@ async def run_workers(
             "requests_per_s": round(requests / elapsed),
             "events_per_request": round(stats["events_received"] / max(1, requests), 1),
             "max_requests_in_1s": stats["stream_max_requests_per_1s_window"],
+            "max_requests_in_1s_wire": wire_max(tap, run_from),
             "budget": args.budget,
             "budget_utilization": round(requests / elapsed / args.budget, 3),
             "p50_latency_ms": latency.get("p50"),
@@ -721,6 +730,13 @@ def _pyinstrument_stacks(session: Any) -> list[tuple[tuple[str, ...], float]]:
     return out
 
 
+def wire_max(tap: WireTap | None, since: float) -> int | None:
+    """The most stream requests in any 1-second window on the wire since ``since`` (None: no tap)."""
+    if tap is None:
+        return None
+    return max_in_window([t for t in tap.arrivals().times() if t >= since])
+
+
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -729,6 +745,7 @@ SUMMARY_KEYS = (
     "worker_cpu_s_per_million",
     "requests_per_s",
     "max_requests_in_1s",
+    "max_requests_in_1s_wire",
     "budget_utilization",
     "p99_latency_ms",
     "peak_rss_mb",
@@ -749,7 +766,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"command": " ".join(["bench/pipeline_bench.py", *sys.argv[1:]]), "machine": machine()}
     runs: dict[str, dict[str, Any]] = {}
     async with LocalKafka() as kafka:
-        emu = Emulator(args.budget, tmp / "emulator.log")
+        emu = Emulator(args.budget, tmp / "emulator.log", trust_arrival_header=args.wire_tap)
+        tap = WireTap(emu.url, stamp=True) if args.wire_tap else None
+        if tap is not None:
+            await tap.start()
         pinned = cpu_sets(args)
         if pinned is not None:
             for pid in (kafka.pid, emu.process.pid, os.getpid()):
@@ -758,7 +778,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result["pinned"] = {"workers": sorted(pinned[1]), "others": sorted(pinned[0])}
         try:
             for mix in parse_mixes(args.mix):
-                runs[mix] = await run_workers(args, kafka, emu, tmp, mix)
+                runs[mix] = await run_workers(args, kafka, emu, tmp, mix, tap=tap)
             result["runs"] = runs
             if args.baseline:
                 base = await run_baseline(args, kafka, emu, tmp)
@@ -768,6 +788,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         base["cpu_s_per_million"] / run["worker_cpu_s_per_million"], 1
                     )
         finally:
+            if tap is not None:
+                await tap.stop()
             await emu.close()
     result["exactly_once"] = all(run["exactly_once"] for run in runs.values())
     result["logs"] = str(tmp)

@@ -1,6 +1,8 @@
 """Drives one batch to done: accepted by Stripe, or its events dead-lettered.
 
-- Every request waits for its slot in the budget first.
+- Every request waits for a session token, then for its slot in the budget, then goes out at once: a
+  request that had to wait for a new token after its slot takes a new slot (the budget holds on the
+  wire only while requests reach it right after their slots).
 - `reauth` (401): the refused token is invalidated (never raises: the session manager creates its
   successor, single-flight and rate limited) and the batch resent once a new token is at hand, like
   any request that waits for a session; up to `MAX_FREE_REAUTHS` in a row are not failed attempts.
@@ -41,6 +43,8 @@ log = logging.getLogger("ingestor.delivery")
 
 #: Consecutive 401s on fresh tokens after which a 401 counts as a failed attempt (backs off).
 MAX_FREE_REAUTHS = 3
+#: A request that waited this long for its token after its budget slot takes a new slot (see `_slot_and_token`).
+STALE_SLOT_S = 0.02
 
 
 class Sessions(Protocol):
@@ -108,9 +112,8 @@ class Delivery:
                 return
 
     async def _send(self, batch: Batch, body: bytes) -> Answer:
-        await self._gate.acquire()
         try:
-            token = await self._sessions.token()
+            token = await self._slot_and_token()
         except Exception as exc:  # noqa: BLE001 - no token: a transient failure like any other
             return Answer(Outcome.RETRY, 0, "session_unavailable", type(exc).__name__)
         metrics = self._metrics
@@ -141,6 +144,24 @@ class Delivery:
             metrics.batch_size.observe(len(batch))
             metrics.batch_bytes.observe(len(body))
         return answer
+
+    async def _slot_and_token(self) -> str:
+        """A slot in the budget, and a token to send with at once: nothing waits between the two.
+
+        The budget holds on the wire only while a request reaches it soon after its slot (less than the
+        budget's ``send_jitter``). Waiting for a session after the slot broke that: every request that
+        passed the gate while a new session was being created went out together when it came (146
+        requests in one second on the wire for a budget of 100, a slow session creation after a
+        revocation). So the token comes first; if it has to be replaced while this request waits for its
+        slot, the slot is given up and a new one taken once the new token is at hand.
+        """
+        while True:
+            await self._sessions.token()  # may wait for a new session: before the slot, not after
+            await self._gate.acquire()
+            slot = self._clock.monotonic()
+            token = await self._sessions.token()  # at once, unless the session was refused meanwhile
+            if self._clock.monotonic() - slot <= STALE_SLOT_S:
+                return token
 
     async def _invalidate(self, token: str) -> None:
         """Report a refused token; whatever goes wrong there, the batch is simply sent again."""

@@ -10,11 +10,11 @@ import orjson
 import pytest
 
 from ingestor.batching import Batch
-from ingestor.delivery import Delivery
+from ingestor.delivery import STALE_SLOT_S, Delivery
 from ingestor.metrics import Metrics
 from ingestor.offsets import OffsetTracker, TopicPartition
 from ingestor.session import SessionGrant, SessionManager, SessionUnavailable
-from ingestor.stream_client import Answer, Outcome, classify
+from ingestor.stream_client import ACCEPTED, Answer, Outcome, classify
 from tests.corpus import FakeRecord
 from tests.fakes import FakeClock
 
@@ -423,3 +423,73 @@ async def test_an_unexpected_answer_is_retried_counted_and_never_taken_as_delive
     await task
     assert tracker.committable() == {TP: 100}
     assert requests_count(delivery, "accepted", 200) == 1
+
+
+class SlowSessions(FakeSessions):
+    """A token is at hand only after `wait_s` (a new session being created), once per `refuse()`."""
+
+    def __init__(self, clock: FakeClock, wait_s: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.wait_s = wait_s
+        self.ready = False
+
+    def refuse(self) -> None:
+        self.ready = False
+
+    async def token(self) -> str:
+        if not self.ready:
+            await self.clock.sleep(self.wait_s)
+            self.ready = True
+        return self.tokens[-1]
+
+
+class RecordingBudget(FreeGate):
+    def __init__(self, clock: FakeClock, wait_s: float = 0.0, during_wait: Any = None) -> None:
+        self.clock = clock
+        self.wait_s = wait_s
+        self.during_wait = during_wait
+        self.slots: list[float] = []
+
+    async def acquire(self) -> None:
+        if self.during_wait is not None:
+            self.during_wait()
+            self.during_wait = None
+        await self.clock.sleep(self.wait_s)
+        self.slots.append(self.clock.now)
+
+
+def sending_delivery(sessions_wait: float, budget_wait: float = 0.0, *, refuse_during_slot: bool = False):
+    delivery, batch, _, _, _, _ = make(lambda *_: Answer(Outcome.ACCEPTED, 200), n=10)
+    clock = delivery._clock
+    sent: list[float] = []
+
+    class Client:
+        async def send(self, body: bytes, token: str) -> Answer:
+            sent.append(clock.now)
+            return ACCEPTED
+
+    sessions = SlowSessions(clock, sessions_wait)
+    if refuse_during_slot:
+        sessions.ready = True
+    budget = RecordingBudget(clock, budget_wait, sessions.refuse if refuse_during_slot else None)
+    delivery._client, delivery._sessions, delivery._gate = Client(), sessions, budget
+    return delivery, batch, budget, sent
+
+
+async def test_a_request_waits_for_its_session_before_its_budget_slot_not_after():
+    """The slot must be followed by the send at once: a request that passed the gate and then waited for a
+    new session went out with every other such request when the session came (146 in a second on the wire
+    for a budget of 100)."""
+    delivery, batch, budget, sent = sending_delivery(sessions_wait=0.5)
+    await delivery.deliver(batch)
+    assert len(sent) == len(budget.slots) == 1
+    assert sent[0] - budget.slots[0] <= STALE_SLOT_S
+
+
+async def test_a_session_refused_while_a_request_waits_for_its_slot_costs_a_new_slot():
+    delivery, batch, budget, sent = sending_delivery(sessions_wait=0.5, budget_wait=0.3, refuse_during_slot=True)
+    await delivery.deliver(batch)
+    assert len(budget.slots) == 2  # the first slot went stale while the new session was created
+    assert len(sent) == 1
+    assert sent[0] - budget.slots[-1] <= STALE_SLOT_S

@@ -31,7 +31,7 @@ async def create_session(ctx: Context, call: Call) -> web.StreamResponse:
 
 async def stream(ctx: Context, call: Call) -> web.StreamResponse:
     request = call.request
-    now = ctx.clock()
+    now = ctx.clock() if call.arrival is None else call.arrival
     livemode = admit(ctx, request.headers.get(AUTHORIZATION), now)
     body = await read_body(request, ctx.config.max_body_bytes)
     require_type(request, JSON, body)

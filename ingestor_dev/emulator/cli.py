@@ -57,6 +57,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a fault (repeatable), e.g. error_retry_true=0.05, latency_s=0.02, scope=all, refuse_connections=true",
     )
+    parser.add_argument(
+        "--trust-arrival-header",
+        action="store_true",
+        help="take a loopback stream request's Wiretap-Arrival header (python -m ingestor_dev.wiretap --stamp) "
+        "for its arrival time",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     actions = parser.add_subparsers(dest="emulator_action", metavar="ACTION", required=False)
     client_cli.configure_parsers(actions)
@@ -88,6 +94,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         validation_interval=args.validation_interval,
         max_body_bytes=args.max_body_bytes,
         faults=faults_from_json(EmulatorConfig().faults, _fault_changes(args.fault)),
+        trust_arrival_header=args.trust_arrival_header,
     )
 
 

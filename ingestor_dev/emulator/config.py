@@ -39,6 +39,8 @@ class EmulatorConfig:
     validation_interval: float = DEFAULT_VALIDATION_INTERVAL_S
     max_body_bytes: int = MAX_BODY_BYTES
     faults: Faults = field(default_factory=Faults)
+    #: Take a loopback stream request's `Wiretap-Arrival` header for its arrival time (see `arrival`).
+    trust_arrival_header: bool = False
 
     def __post_init__(self) -> None:
         if self.session_ttl <= 0:

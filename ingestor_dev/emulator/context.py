@@ -39,6 +39,8 @@ class Call:
     params: dict[str, str] = field(default_factory=dict)
     #: injected latency not yet served
     latency: float = 0.0
+    #: when the request arrived, if the wire tap said so (see `arrival`); None: the clock decides
+    arrival: float | None = None
 
     async def serve_latency(self) -> None:
         if self.latency > 0:

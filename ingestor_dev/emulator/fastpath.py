@@ -28,6 +28,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 from ingestor_dev.emulator.api_stream import admit, ingest
+from ingestor_dev.emulator.arrival import ARRIVAL_FIELD, arrival_time, is_loopback
 from ingestor_dev.emulator.bodies import JSON, check_type
 from ingestor_dev.emulator.errors import ApiError
 from ingestor_dev.emulator.routes import STREAM_PATH
@@ -52,7 +53,7 @@ MAX_HEAD = 8190
 _HAND_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", b"keep-alive"))
 _WHITESPACE = b" \t"
 #: the headers the fast path reads (the first of each counts, as in aiohttp's `headers.get`) ...
-_WANTED = frozenset((b"content-length", b"authorization", b"content-type", b"connection"))
+_WANTED = frozenset((b"content-length", b"authorization", b"content-type", b"connection", ARRIVAL_FIELD))
 #: ... and those that must not be repeated
 _UNIQUE = frozenset((b"content-length", b"connection"))
 _UNKNOWN_ERROR = ApiError(500, None, "An unknown error occurred.", type="api_error")
@@ -70,6 +71,7 @@ class StreamProtocol(asyncio.Protocol):
         "_need",
         "_read_paused",
         "_transport",
+        "_trusted",
         "_write_paused",
     )
 
@@ -85,9 +87,13 @@ class StreamProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._last_read = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        #: whether this connection's `Wiretap-Arrival` headers are believed (see `arrival`)
+        self._trusted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        if self._fast.ctx.config.trust_arrival_header:
+            self._trusted = is_loopback(transport.get_extra_info("peername"))
         self._fast.connections.add(self)
         self._idle_timer = self._loop.call_later(KEEPALIVE_TIMEOUT_S, self._close_if_idle)
 
@@ -151,7 +157,7 @@ class StreamProtocol(asyncio.Protocol):
             head = self._head(data, start, end)
             if head is None:
                 break
-            length, authorization, content_type = head
+            length, authorization, content_type, arrival = head
             body_start = end + 4
             body_end = body_start + length
             if body_end > size:
@@ -161,7 +167,10 @@ class StreamProtocol(asyncio.Protocol):
                 return
             if self._fast.ctx.planner.active:
                 break  # faults are applied by the aiohttp route
-            answers.append(self._fast.serve(authorization, content_type, data[body_start:body_end], self._transport))
+            stamp = arrival if self._trusted else None
+            answers.append(
+                self._fast.serve(authorization, content_type, data[body_start:body_end], self._transport, stamp)
+            )
             start = body_end
         else:
             self._buffer = b""
@@ -171,8 +180,9 @@ class StreamProtocol(asyncio.Protocol):
         self._flush(answers)
         self._hand_over(data[start:] if start else data)
 
-    def _head(self, data: bytes, start: int, end: int) -> tuple[int, str | None, str] | None:
-        """(Content-Length, Authorization, Content-Type) of a plain stream request's head, else None."""
+    def _head(self, data: bytes, start: int, end: int) -> tuple[int, str | None, str, bytes | None] | None:
+        """(Content-Length, Authorization, Content-Type, Wiretap-Arrival) of a plain stream request's head,
+        else None."""
         if not data.startswith(_REQUEST_LINE, start):
             return None
         first = start + len(_REQUEST_LINE)
@@ -189,7 +199,12 @@ class StreamProtocol(asyncio.Protocol):
             return None
         authorization = fields.get(b"authorization")
         content_type = fields.get(b"content-type", b"")
-        return int(length), None if authorization is None else authorization.decode(), content_type.decode()
+        return (
+            int(length),
+            None if authorization is None else authorization.decode(),
+            content_type.decode(),
+            fields.get(ARRIVAL_FIELD),
+        )
 
     def _flush(self, answers: list[bytes]) -> None:
         if answers and self._transport is not None:
@@ -231,11 +246,15 @@ class FastPath:
         for connection in list(self.connections):
             connection.close()
 
-    def serve(self, authorization: str | None, content_type: str, body: bytes, transport: Any) -> bytes:
-        """One stream request, as the aiohttp route serves it when no fault is set: the answer's bytes."""
+    def serve(
+        self, authorization: str | None, content_type: str, body: bytes, transport: Any, arrival: bytes | None = None
+    ) -> bytes:
+        """One stream request, as the aiohttp route serves it when no fault is set: the answer's bytes.
+
+        ``arrival``: a trusted `Wiretap-Arrival` value (see `arrival`)."""
         ctx = self.ctx
         stats = ctx.state.stats
-        now = ctx.clock()
+        now = ctx.clock() if arrival is None else arrival_time(arrival, ctx.clock())
         stats.stream_window.add(now)
         try:
             livemode = admit(ctx, authorization, now)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
+from ingestor_dev.emulator.arrival import ARRIVAL_HEADER, arrival_time, is_loopback
 from ingestor_dev.emulator.config import EmulatorConfig
 from ingestor_dev.emulator.context import Call, Context
 from ingestor_dev.emulator.errors import ApiError, rate_limited, server_error
@@ -191,13 +192,15 @@ class Emulator:
         if route is None:
             self.state.stats.count_request(UNMATCHED, 404)
             return error_response(_unrecognized(request))
+        arrival = None
         if route.is_stream:
-            self.state.stats.stream_window.add(self._clock())
+            arrival = self._arrival(request)
+            self.state.stats.stream_window.add(self._clock() if arrival is None else arrival)
         if not route.control and self._planner.faults.refuse_connections:
             return self._abort(request)
         decision = NO_DECISION if route.control else self._planner.decide(route.is_stream, route.is_session)
         try:
-            response = await self._run(route, Call(request, params, decision.latency_s), decision)
+            response = await self._run(route, Call(request, params, decision.latency_s, arrival), decision)
         except ApiError as error:
             response = error_response(error)
         except Exception:
@@ -208,6 +211,16 @@ class Emulator:
         else:
             self.state.stats.count_request(route.name, response.status)
         return response
+
+    def _arrival(self, request: web.BaseRequest) -> float | None:
+        """The wire tap's arrival time of a stream request, when trusted (see `arrival`)."""
+        if not self.config.trust_arrival_header:
+            return None
+        value = request.headers.get(ARRIVAL_HEADER)
+        transport = request.transport
+        if value is None or transport is None or not is_loopback(transport.get_extra_info("peername")):
+            return None
+        return arrival_time(value, self._clock())
 
     async def _run(self, route: Route, call: Call, decision: Decision) -> web.StreamResponse:
         outcome = decision.outcome
