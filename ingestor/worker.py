@@ -51,6 +51,7 @@ from ingestor.partition_health import PartitionWatch
 from ingestor.session import SessionAuthError, SessionError, SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import AiohttpTransport, StreamClient
+from ingestor.stream_transport import Http1Transport
 from ingestor.transactions import PartitionTransactions, due_letters
 from ingestor.webhook import webhook_app
 
@@ -194,10 +195,10 @@ class Worker:
             self._exit.push_async_callback(self.transactions.stop)
         if s.webhook_port:
             await self._start_webhook()
+        stream_transport = Http1Transport(s.request_timeout_s, s.max_in_flight)  # the hot request's own client
+        self._exit.push_async_callback(stream_transport.close)
         self.delivery = Delivery(
-            client=StreamClient(
-                AiohttpTransport(self._http, s.request_timeout_s), s.stripe_meter_events_base, s.stripe_version
-            ),
+            client=StreamClient(stream_transport, s.stripe_meter_events_base, s.stripe_version),
             sessions=self.sessions,
             budget=self.gate,
             dead_letters=self.dead_letters,

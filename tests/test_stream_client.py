@@ -9,10 +9,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ingestor.stream_client import STREAM_PATH, AiohttpTransport, Outcome, StreamClient
+from ingestor.stream_client import STREAM_PATH, AiohttpTransport, Outcome, StreamClient, Transport
+from ingestor.stream_transport import Http1Transport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 BODY = b'{"events": [{"event_name": "e", "payload": {"stripe_customer_id": "cus_1", "value": "1"}}]}'
 
@@ -43,13 +44,31 @@ async def stream_server(answer: web.Response) -> AsyncIterator[tuple[str, list[s
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def transport(kind: str) -> AsyncIterator[Transport]:
+    """The worker's stream transport (`http1`) or aiohttp's client, the reference (`aiohttp`)."""
+    if kind == "aiohttp":
+        async with aiohttp.ClientSession() as http:
+            yield AiohttpTransport(http, 5.0)
+    else:
+        lean = Http1Transport(5.0, 4)
+        try:
+            yield lean
+        finally:
+            await lean.close()
+
+
+KINDS = pytest.mark.parametrize("kind", ["http1", "aiohttp"])
+
+
+@KINDS
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-async def test_a_redirect_is_not_followed_and_is_an_unexpected_answer(status: int) -> None:
+async def test_a_redirect_is_not_followed_and_is_an_unexpected_answer(kind: str, status: int) -> None:
     async with (
         stream_server(web.Response(status=status, headers={"Location": "/landing"})) as (base, landed),
-        aiohttp.ClientSession() as http,
+        transport(kind) as http,
     ):
-        answer = await StreamClient(AiohttpTransport(http, 5.0), base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
+        answer = await StreamClient(http, base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
     assert answer.outcome is Outcome.UNEXPECTED
     assert answer.status == status
     assert "/landing" in answer.message
@@ -59,12 +78,13 @@ async def test_a_redirect_is_not_followed_and_is_an_unexpected_answer(status: in
 @pytest.mark.parametrize(
     ("answer", "outcome"),
     [
-        (web.Response(body=b"{}", content_type="application/json"), Outcome.ACCEPTED),
-        (web.Response(text="<html>proxy</html>", content_type="text/html"), Outcome.UNEXPECTED),
-        (web.Response(status=204), Outcome.UNEXPECTED),
+        (lambda: web.Response(body=b"{}", content_type="application/json"), Outcome.ACCEPTED),
+        (lambda: web.Response(text="<html>proxy</html>", content_type="text/html"), Outcome.UNEXPECTED),
+        (lambda: web.Response(status=204), Outcome.UNEXPECTED),
     ],
 )
-async def test_only_stripes_own_success_counts(answer: web.Response, outcome: Outcome) -> None:
-    async with stream_server(answer) as (base, _), aiohttp.ClientSession() as http:
-        got = await StreamClient(AiohttpTransport(http, 5.0), base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
+@KINDS
+async def test_only_stripes_own_success_counts(kind: str, answer: Callable[[], web.Response], outcome: Outcome) -> None:
+    async with stream_server(answer()) as (base, _), transport(kind) as http:
+        got = await StreamClient(http, base, "2026-06-24.dahlia").send(BODY, "ek_test_x")
     assert got.outcome is outcome
