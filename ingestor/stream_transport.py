@@ -27,6 +27,7 @@ What it does, as aiohttp's client does for this request:
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 import zlib
@@ -48,7 +49,8 @@ _FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: 101 would switch protocols: never asked for, so never followed either
 _SWITCHING_PROTOCOLS: Final = 101
 
-Answer = tuple[int, "Mapping[str, str]", bytes]
+#: what `post` returns: status, headers (case-insensitive), body
+Reply = tuple[int, "Mapping[str, str]", bytes]
 
 
 class ServerDisconnectedError(ConnectionError):
@@ -78,7 +80,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._waiter: asyncio.Future[Answer] | None = None
+        self._waiter: asyncio.Future[Reply] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._in_body = False
@@ -149,7 +151,7 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the exchange
 
-    def send(self, data: bytes, waiter: asyncio.Future[Answer]) -> None:
+    def send(self, data: bytes, waiter: asyncio.Future[Reply]) -> None:
         assert self.transport is not None
         self._waiter = waiter
         self._complete = False
@@ -224,7 +226,7 @@ class _Origin:
             raise ValueError(msg)
         self.host = parts.hostname
         self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
-        self.ssl = (context or ssl.create_default_context()) if parts.scheme == "https" else None
+        self.ssl = (context or _default_context()) if parts.scheme == "https" else None
         authority = self.host if ":" not in self.host else f"[{self.host}]"
         if self.port != _DEFAULT_PORTS[parts.scheme]:
             authority = f"{authority}:{self.port}"
@@ -256,7 +258,7 @@ class Http1Transport:
         self._busy: set[_Connection] = set()
         self._closed = False
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Reply:
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origins[url] = _Origin(url, self._ssl_context)
@@ -267,7 +269,7 @@ class Http1Transport:
             conn = self._take(origin, loop.time())
             if conn is None:
                 conn = await self._connect(origin, deadline)
-            waiter: asyncio.Future[Answer] = loop.create_future()
+            waiter: asyncio.Future[Reply] = loop.create_future()
             timer = loop.call_at(deadline, _expire, waiter)
             self._busy.add(conn)
             try:
@@ -322,7 +324,13 @@ class Http1Transport:
         return conn
 
 
-def _expire(waiter: asyncio.Future[Answer]) -> None:
+@functools.cache
+def _default_context() -> ssl.SSLContext:
+    """The system's trusted CAs, host names checked: what aiohttp uses. Loaded once (it reads files)."""
+    return ssl.create_default_context()
+
+
+def _expire(waiter: asyncio.Future[Reply]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
