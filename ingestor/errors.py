@@ -20,6 +20,8 @@ IngestorError                     base; `retriable`: whether trying again later 
 
 Outside this tree, on purpose: `ingestor.settings.SettingsError` (a ValueError; a setting found wrong, at
 load or at start: exit 2) and its `ingestor.offset_reset.OffsetResetRefusedError` stay with the settings.
+`ingestor.stream_transport`'s `ServerDisconnectedError` and `BadHttpAnswerError` are `ConnectionError`s (OSError):
+the `stripe_http.Transport` seam raises OSError or TimeoutError, which `StripeHttp` turns into `StripeUnreachable`.
 What a *Stripe answer* means for a batch is not an exception: `stream_client.Answer` says accepted, retry,
 reauth (the session token was refused: invalidate, resend), rejected (split, dead-letter) or unexpected.
 

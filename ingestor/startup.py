@@ -46,6 +46,7 @@ from ingestor.rebalance import Ownership
 from ingestor.session import SessionManager, create_session
 from ingestor.settings import SettingsError
 from ingestor.stream_client import StreamClient
+from ingestor.stream_transport import Http1Transport
 from ingestor.stripe_http import AiohttpTransport, StripeHttp
 from ingestor.transactions import PartitionTransactions
 from ingestor.webhook import webhook_app
@@ -153,8 +154,10 @@ async def build_parts(  # noqa: PLR0913 - the worker's core, context and exit st
     stripe = StripeHttp(
         transport, s.stripe_api_base, stripe_version=s.stripe_version, timeout=s.request_timeout_s, api_key=s.api_key
     )
+    stream_transport = Http1Transport(s.max_in_flight)  # the hot request's own client (BENCHMARKS.md)
+    exits.push_async_callback(stream_transport.close)
     meter_events = StripeHttp(
-        transport, s.stripe_meter_events_base, stripe_version=s.stripe_version, timeout=s.request_timeout_s
+        stream_transport, s.stripe_meter_events_base, stripe_version=s.stripe_version, timeout=s.request_timeout_s
     )
     sessions = SessionManager(
         functools.partial(create_session, stripe),

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ingestor.observability import start_site
 from ingestor.settings import DEFAULT_STRIPE_VERSION as STRIPE_VERSION
+from ingestor.stream_transport import Http1Transport
 from ingestor.stripe_http import AiohttpTransport, StripeHttp
 
 if TYPE_CHECKING:
@@ -101,9 +102,17 @@ def add_landing(app: web.Application, body: bytes) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def stripe_http(base: str, *, api_key: str = "sk_test_x", timeout: float = 5.0) -> AsyncIterator[StripeHttp]:
-    """The production Stripe HTTP layer (aiohttp) against `base`."""
+async def stripe_http(
+    base: str, *, api_key: str = "sk_test_x", timeout: float = 5.0, transport: str = "aiohttp"
+) -> AsyncIterator[StripeHttp]:
+    """The production Stripe HTTP layer against `base`, over aiohttp's client (`aiohttp`) or the stream
+    request's own (`http1`, `ingestor.stream_transport`)."""
     async with aiohttp.ClientSession() as session:
-        yield StripeHttp(
-            AiohttpTransport(session), base, stripe_version=STRIPE_VERSION, timeout=timeout, api_key=api_key
-        )
+        lean = Http1Transport(4) if transport == "http1" else None
+        try:
+            yield StripeHttp(
+                lean or AiohttpTransport(session), base, stripe_version=STRIPE_VERSION, timeout=timeout, api_key=api_key
+            )
+        finally:
+            if lean is not None:
+                await lean.close()

@@ -16,7 +16,13 @@ PACKAGE = Path(errors.__file__).parent
 ELSEWHERE = {
     ("settings.py", "SettingsError"),
     ("offset_reset.py", "OffsetResetRefusedError"),
-    ("worker_cli.py", "_Interrupted"),  # a BaseException carrying a signal out of the event loop, not an error
+    ("worker_cli.py", "_Interrupted"),
+    # the stream transport's connection failures: OSErrors, as the Transport seam promises (StripeUnreachable above it)
+    ("stream_transport.py", "ServerDisconnectedError"),
+    (
+        "stream_transport.py",
+        "BadHttpAnswerError",
+    ),  # a BaseException carrying a signal out of the event loop, not an error
 }
 TREE = {
     name: cls
