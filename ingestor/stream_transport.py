@@ -157,6 +157,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._waiter = waiter
         self._complete = False
+        self._in_body = False  # what the previous answer left must not frame this one
         self._headers = []
         self._body = []
         self.transport.write(data)
@@ -277,25 +278,36 @@ class Http1Transport:
         head = _head(origin.prefix, headers, None if body is None else len(body))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        async with self._slots:
-            conn = self._take(origin, loop.time())
-            if conn is None:
-                conn = await self._connect(origin, deadline)
-            waiter: asyncio.Future[Reply] = loop.create_future()
-            timer = loop.call_at(deadline, _expire, waiter)
-            self._busy.add(conn)
-            try:
-                conn.send(head if body is None else head + body, waiter)
-                answer = await waiter
-            except BaseException:
-                conn.reusable = False
-                raise
-            finally:
-                timer.cancel()
-                conn.done()
-                self._busy.discard(conn)
-                self._release(origin, conn, loop.time())
-            return answer
+        async with asyncio.timeout_at(deadline):  # waiting for a free connection counts, as in aiohttp's total
+            await self._slots.acquire()
+        try:
+            return await self._exchange(origin, head if body is None else head + body, deadline)
+        finally:
+            self._slots.release()
+
+    async def _exchange(self, origin: _Origin, data: bytes, deadline: float) -> Reply:
+        """One request on a pooled (or new) connection, answered by `deadline`; never sent after it."""
+        loop = asyncio.get_running_loop()
+        conn = self._take(origin, loop.time())
+        if conn is None:
+            conn = await self._connect(origin, deadline)
+        if loop.time() >= deadline:  # nothing sent: the connection stays good
+            self._release(origin, conn, loop.time())
+            raise TimeoutError
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        timer = loop.call_at(deadline, _expire, waiter)
+        self._busy.add(conn)
+        try:
+            conn.send(data, waiter)
+            return await waiter
+        except BaseException:
+            conn.reusable = False
+            raise
+        finally:
+            timer.cancel()
+            conn.done()
+            self._busy.discard(conn)
+            self._release(origin, conn, loop.time())
 
     async def close(self) -> None:
         self._closed = True

@@ -383,3 +383,40 @@ async def test_a_certificate_that_does_not_verify_is_a_connection_error_as_throu
             same(reference, lean)
     assert (lean.outcome, lean.code) == (Outcome.RETRY, "connection_error")
     assert server.requests == []
+
+
+@pytest.mark.parametrize("first", [200, 400, 401])
+async def test_a_reused_connection_closed_without_an_answer_is_a_disconnect_not_the_last_answer_again(
+    first: int,
+) -> None:
+    # The kept-alive connection's server closes it right after our second request (an idle-timeout race):
+    # nothing was answered, so it is a connection error (retried), never the first answer's status again
+    # (a 400 would have split the batch and dead-lettered events Stripe never saw).
+    answer = response(first, [], OK if first == 200 else error_body("x", "first answer"))
+    server = RawServer(lambda n: answer if n == 1 else b"")
+    async with raw_server(server) as base:
+        transport = Http1Transport(4)
+        client = stream(transport, base)
+        got_first = await client.send(BODY, TOKEN)
+        with pytest.raises(ServerDisconnectedError):
+            await transport.request("POST", base + STREAM_PATH, {}, BODY, 2.0)
+        await transport.close()
+    assert got_first.status == first
+    assert server.connections == 1  # the second request went out on the reused connection
+
+
+async def test_waiting_for_a_free_connection_counts_against_the_deadline_and_nothing_is_sent_late() -> None:
+    # One connection, held 0.6 s by the first request: a second request with a 0.3 s deadline times out
+    # while it waits, and is never written to the wire after its deadline.
+    server = RawServer(lambda _: response(200, [], OK), delay=0.6)
+    async with raw_server(server) as base:
+        transport = Http1Transport(1)
+        first = asyncio.create_task(transport.request("POST", base + STREAM_PATH, {}, BODY, 5.0))
+        await asyncio.sleep(0.05)  # the first holds the only connection
+        with pytest.raises(TimeoutError):
+            await transport.request("POST", base + STREAM_PATH, {}, BODY, 0.3)
+        status, _, _ = await first
+        await asyncio.sleep(0.7)  # a late send would reach the server by now
+        await transport.close()
+    assert status == 200
+    assert len(server.requests) == 1
