@@ -52,7 +52,7 @@ _FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _SWITCHING_PROTOCOLS: Final = 101
 
 #: what `request` returns: status, headers (case-insensitive), body
-Reply = tuple[int, "Mapping[str, str]", bytes]
+RawAnswer = tuple[int, "Mapping[str, str]", bytes]
 
 
 class ServerDisconnectedError(ConnectionError):
@@ -82,7 +82,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._waiter: asyncio.Future[Reply] | None = None
+        self._waiter: asyncio.Future[RawAnswer] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._in_body = False
@@ -153,7 +153,7 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the exchange
 
-    def send(self, data: bytes, waiter: asyncio.Future[Reply]) -> None:
+    def send(self, data: bytes, waiter: asyncio.Future[RawAnswer]) -> None:
         assert self.transport is not None
         self._waiter = waiter
         self._complete = False
@@ -271,7 +271,7 @@ class Http1Transport:
         headers: Mapping[str, str],
         body: bytes | None,
         timeout: float,  # noqa: ASYNC109 - one deadline for connect, send and answer, as aiohttp's total
-    ) -> Reply:
+    ) -> RawAnswer:
         origin = self._origins.get((method, url))
         if origin is None:
             origin = self._origins[method, url] = _Origin(method, url, self._ssl_context)
@@ -285,7 +285,7 @@ class Http1Transport:
         finally:
             self._slots.release()
 
-    async def _exchange(self, origin: _Origin, data: bytes, deadline: float) -> Reply:
+    async def _exchange(self, origin: _Origin, data: bytes, deadline: float) -> RawAnswer:
         """One request on a pooled (or new) connection, answered by `deadline`; never sent after it."""
         loop = asyncio.get_running_loop()
         conn = self._take(origin, loop.time())
@@ -294,7 +294,7 @@ class Http1Transport:
         if loop.time() >= deadline:  # nothing sent: the connection stays good
             self._release(origin, conn, loop.time())
             raise TimeoutError
-        waiter: asyncio.Future[Reply] = loop.create_future()
+        waiter: asyncio.Future[RawAnswer] = loop.create_future()
         timer = loop.call_at(deadline, _expire, waiter)
         self._busy.add(conn)
         try:
@@ -354,7 +354,7 @@ def _default_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _expire(waiter: asyncio.Future[Reply]) -> None:
+def _expire(waiter: asyncio.Future[RawAnswer]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
