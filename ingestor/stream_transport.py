@@ -191,7 +191,10 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             self.reusable = False
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-        headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._headers])
+        # a field value's surrounding spaces and tabs are not part of it (RFC 9110 5.5), as aiohttp reads it
+        headers = CIMultiDict(
+            [(name.decode("latin-1"), value.decode("latin-1").strip(" \t")) for name, value in self._headers]
+        )
         encoding = headers.get("Content-Encoding", "").strip().lower()
         if body and encoding in ("gzip", "deflate"):
             try:

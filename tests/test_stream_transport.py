@@ -167,6 +167,8 @@ CASES = {
     "400 rejected": response(400, [], REJECTED),
     "400 rejected, chunked": response(400, [], REJECTED, "chunked"),
     "400 should retry": response(400, [("stripe-should-retry", "TRUE")], REJECTED),
+    "400 should retry, spaces around the value": response(400, [("Stripe-Should-Retry", " true ")], REJECTED),
+    "429 reason, a tab after the value": response(429, [("Stripe-Rate-Limited-Reason", "global-rate\t")], OK),
     "401": response(401, [], error_body("billing_meter_event_session_expired", "expired")),
     "413": response(413, [], b"too large"),
     "429": response(429, [("Stripe-Rate-Limited-Reason", "global-rate")], error_body("rate_limit", "slow")),
