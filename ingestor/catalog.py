@@ -168,7 +168,7 @@ async def _get_page(http: StripeHttp, params: dict[str, str]) -> bytes:
         raise CatalogError(f"cannot read the meters: {exc}") from None
     if reply.status != 200:
         error = http.error(reply)
-        note = " (a redirect, not followed: check INGESTOR_STRIPE_API_BASE)" if 300 <= reply.status < 400 else ""
+        note = f"{error.redirect_note}: check INGESTOR_STRIPE_API_BASE" if error.redirect_note else ""
         code = f" {error.code_or_type}" if error.code_or_type else ""
         raise CatalogError(f"GET {METERS_PATH} answered {reply.status}{code}{note}", status=reply.status)
     return reply.body

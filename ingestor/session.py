@@ -152,8 +152,7 @@ def classify_failure(error: ErrorDetails) -> SessionError:
         detail += f" (request {error.request_id})"
     text = f"creating a meter event session failed: {detail}"
     if status < 400:
-        where = f" (a redirect to {error.location!r}, not followed)" if status >= 300 else ""
-        return SessionUnavailable(text + where, code="unexpected_answer", status=status)
+        return SessionUnavailable(text + error.redirect_note, code="unexpected_answer", status=status)
     code = code or f"http_{status}"
     if status in {401, 403}:
         return SessionAuthError(text, code=code, status=status)

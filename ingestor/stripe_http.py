@@ -114,6 +114,11 @@ class ErrorDetails:
     def code_or_type(self) -> str:
         return self.code or self.type
 
+    @property
+    def redirect_note(self) -> str:
+        """For a 3xx, ' (a redirect to <location>, not followed)'; else empty. For error messages."""
+        return f" (a redirect to {self.location!r}, not followed)" if 300 <= self.status < 400 else ""
+
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Cut the given secrets and anything that looks like a key or token out of `text`."""
