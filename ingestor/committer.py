@@ -53,7 +53,10 @@ class Committer:
         interval = interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            await self.commit()
+            # Shielded: stopping the loop must not cut a commit short. A transaction cancelled after the
+            # broker committed it would hand its letters back, and the final commit would write them again.
+            # The final commit waits for this one on the commit lock.
+            await asyncio.shield(self.commit())
             after_each()
 
     async def final_commit(self, limit: float) -> None:
